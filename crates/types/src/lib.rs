@@ -188,10 +188,7 @@ pub trait Address: Copy + Eq + Ord + Hash + fmt::Debug + fmt::LowerHex + fmt::Di
     /// `self + offset`, or [`RangeError::Overflow`].
     #[inline]
     fn try_add(self, offset: u64) -> Result<Self> {
-        self.checked_add(offset).ok_or(RangeError::Overflow {
-            start: self.raw(),
-            len: offset,
-        })
+        self.checked_add(offset).ok_or(RangeError::Overflow { start: self.raw(), len: offset })
     }
 
     /// Distance from `base` up to `self`, or `None` if `self < base`.
@@ -209,9 +206,7 @@ pub trait Address: Copy + Eq + Ord + Hash + fmt::Debug + fmt::LowerHex + fmt::Di
     /// Rounds up to a multiple of `size`, or `None` if that overflows.
     #[inline]
     fn align_up(self, size: PageSize) -> Option<Self> {
-        self.raw()
-            .checked_add(size.offset_mask())
-            .map(|v| Self::from_raw(v & !size.offset_mask()))
+        self.raw().checked_add(size.offset_mask()).map(|v| Self::from_raw(v & !size.offset_mask()))
     }
 
     /// Whether the address is a multiple of `size`.
@@ -404,30 +399,18 @@ mod tests {
     #[test]
     fn gfn_beyond_64_bit_address_has_no_address() {
         assert_eq!(Gfn::new(1 << 52).checked_addr(), None);
-        assert_eq!(
-            Pfn::new((1 << 52) - 1).checked_addr(),
-            Some(Hpa::new(0xffff_ffff_ffff_f000))
-        );
+        assert_eq!(Pfn::new((1 << 52) - 1).checked_addr(), Some(Hpa::new(0xffff_ffff_ffff_f000)));
     }
 
     #[test]
     fn align_up_at_top_of_address_space_is_none() {
         assert_eq!(Hva::new(u64::MAX - 5).align_up(PageSize::Size4K), None);
-        assert_eq!(
-            Hva::new(0x1001).align_up(PageSize::Size4K),
-            Some(Hva::new(0x2000))
-        );
+        assert_eq!(Hva::new(0x1001).align_up(PageSize::Size4K), Some(Hva::new(0x2000)));
     }
 
     #[test]
     fn try_add_overflow_is_an_error_not_a_wrap() {
-        assert_eq!(
-            Iova::new(u64::MAX).try_add(1),
-            Err(RangeError::Overflow {
-                start: u64::MAX,
-                len: 1
-            })
-        );
+        assert_eq!(Iova::new(u64::MAX).try_add(1), Err(RangeError::Overflow { start: u64::MAX, len: 1 }));
     }
 
     #[test]

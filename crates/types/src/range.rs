@@ -22,10 +22,7 @@ impl<A: Address> AddrRange<A> {
     /// `start..end`; [`RangeError::Inverted`] if `end < start`.
     pub fn new(start: A, end: A) -> Result<Self> {
         if end < start {
-            return Err(RangeError::Inverted {
-                start: start.raw(),
-                end: end.raw(),
-            });
+            return Err(RangeError::Inverted { start: start.raw(), end: end.raw() });
         }
         Ok(Self { start, end })
     }
@@ -40,16 +37,10 @@ impl<A: Address> AddrRange<A> {
     /// to be multiples of `size` ([`RangeError::Unaligned`]).
     pub fn new_aligned(start: A, len: u64, size: PageSize) -> Result<Self> {
         if !start.is_aligned(size) {
-            return Err(RangeError::Unaligned {
-                value: start.raw(),
-                align: size.bytes(),
-            });
+            return Err(RangeError::Unaligned { value: start.raw(), align: size.bytes() });
         }
         if len & size.offset_mask() != 0 {
-            return Err(RangeError::Unaligned {
-                value: len,
-                align: size.bytes(),
-            });
+            return Err(RangeError::Unaligned { value: len, align: size.bytes() });
         }
         Self::from_len(start, len)
     }
@@ -117,16 +108,7 @@ impl<A: Address> AddrRange<A> {
                 end: self.end.raw(),
             });
         }
-        Ok((
-            Self {
-                start: self.start,
-                end: at,
-            },
-            Self {
-                start: at,
-                end: self.end,
-            },
-        ))
+        Ok((Self { start: self.start, end: at }, Self { start: at, end: self.end }))
     }
 
     /// Whether both bounds are multiples of `size`.
@@ -136,14 +118,11 @@ impl<A: Address> AddrRange<A> {
 
     /// The smallest `size`-aligned range covering `self`, or an overflow error.
     pub fn align_out(&self, size: PageSize) -> Result<Self> {
-        let end = self.end.align_up(size).ok_or(RangeError::Overflow {
-            start: self.end.raw(),
-            len: size.offset_mask(),
-        })?;
-        Ok(Self {
-            start: self.start.align_down(size),
-            end,
-        })
+        let end = self
+            .end
+            .align_up(size)
+            .ok_or(RangeError::Overflow { start: self.end.raw(), len: size.offset_mask() })?;
+        Ok(Self { start: self.start.align_down(size), end })
     }
 
     /// The start address of every `size` page of the range, in order.
@@ -153,17 +132,10 @@ impl<A: Address> AddrRange<A> {
     pub fn pages(&self, size: PageSize) -> Result<Pages<A>> {
         for v in [self.start.raw(), self.end.raw()] {
             if v & size.offset_mask() != 0 {
-                return Err(RangeError::Unaligned {
-                    value: v,
-                    align: size.bytes(),
-                });
+                return Err(RangeError::Unaligned { value: v, align: size.bytes() });
             }
         }
-        Ok(Pages {
-            next: self.start,
-            end: self.end,
-            size,
-        })
+        Ok(Pages { next: self.start, end: self.end, size })
     }
 
     /// Offset of `addr` from the start, if `addr` lies in the range.
@@ -230,10 +202,7 @@ mod tests {
     fn new_with_end_below_start_is_inverted() {
         assert_eq!(
             AddrRange::new(Gpa::new(0x2000), Gpa::new(0x1000)),
-            Err(RangeError::Inverted {
-                start: 0x2000,
-                end: 0x1000
-            })
+            Err(RangeError::Inverted { start: 0x2000, end: 0x1000 })
         );
     }
 
@@ -241,10 +210,7 @@ mod tests {
     fn from_len_that_overflows_is_an_error() {
         assert_eq!(
             AddrRange::from_len(Iova::new(u64::MAX - 0xfff), 0x1000),
-            Err(RangeError::Overflow {
-                start: u64::MAX - 0xfff,
-                len: 0x1000
-            })
+            Err(RangeError::Overflow { start: u64::MAX - 0xfff, len: 0x1000 })
         );
     }
 
@@ -252,17 +218,11 @@ mod tests {
     fn new_aligned_rejects_unaligned_start_and_length() {
         assert_eq!(
             AddrRange::new_aligned(Gpa::new(0x1800), 0x1000, PageSize::Size4K),
-            Err(RangeError::Unaligned {
-                value: 0x1800,
-                align: 0x1000
-            })
+            Err(RangeError::Unaligned { value: 0x1800, align: 0x1000 })
         );
         assert_eq!(
             AddrRange::new_aligned(Gpa::new(0x20_0000), 0x1000, PageSize::Size2M),
-            Err(RangeError::Unaligned {
-                value: 0x1000,
-                align: 0x20_0000
-            })
+            Err(RangeError::Unaligned { value: 0x1000, align: 0x20_0000 })
         );
     }
 
@@ -281,30 +241,18 @@ mod tests {
     fn pages_at_top_of_address_space_stop() {
         let r = gpa_range(0xffff_ffff_ffff_d000, 0xffff_ffff_ffff_f000);
         let pages: Vec<_> = r.pages(PageSize::Size4K).unwrap().collect();
-        assert_eq!(
-            pages,
-            vec![
-                Gpa::new(0xffff_ffff_ffff_d000),
-                Gpa::new(0xffff_ffff_ffff_e000)
-            ]
-        );
+        assert_eq!(pages, vec![Gpa::new(0xffff_ffff_ffff_d000), Gpa::new(0xffff_ffff_ffff_e000)]);
     }
 
     #[test]
     fn split_outside_range_is_an_error() {
-        assert!(
-            gpa_range(0x1000, 0x2000)
-                .split_at(Gpa::new(0x3000))
-                .is_err()
-        );
+        assert!(gpa_range(0x1000, 0x2000).split_at(Gpa::new(0x3000)).is_err());
         assert!(gpa_range(0x1000, 0x2000).split_at(Gpa::new(0x0)).is_err());
     }
 
     #[test]
     fn align_out_covers_partial_pages() {
-        let r = gpa_range(0x1800, 0x2001)
-            .align_out(PageSize::Size4K)
-            .unwrap();
+        let r = gpa_range(0x1800, 0x2001).align_out(PageSize::Size4K).unwrap();
         assert_eq!(r, gpa_range(0x1000, 0x3000));
         assert!(gpa_range(0, u64::MAX).align_out(PageSize::Size4K).is_err());
     }

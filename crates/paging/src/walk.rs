@@ -1,0 +1,297 @@
+//! The page walker: translate an input address through a table of any
+//! [`Format`], check the access, and set accessed/dirty flags atomically.
+//!
+//! Order of checks, as on hardware: the input address (canonical form or
+//! width), then level by level from the root: present, reserved bits, leaf?;
+//! then the access rights of the whole walk; then A/D updates. Following KVM's
+//! `paging_tmpl.h` (and matching what software can observe on Intel CPUs), the
+//! accessed and dirty flags are written only when the access is allowed, by
+//! compare-exchange from the top entry down; if an entry changed since it was
+//! read the walk starts again, so a concurrent writer is never overwritten.
+
+use memvisor_types::{Address, PageSize};
+
+use crate::format::{Access, FaultKind, Format, Perms, StageId, Walked, entry_span, index};
+use crate::memory::TableMemory;
+
+/// How many times a walk restarts after losing an A/D race before giving up
+/// with [`FaultKind::Contended`] (keeps a guest that rewrites its tables in a
+/// loop from holding a VMM thread forever).
+const MAX_AD_RETRIES: u32 = 64;
+
+/// A failed translation: what went wrong, where, and the architectural error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fault {
+    /// What went wrong.
+    pub kind: FaultKind,
+    /// The stage whose table faulted.
+    pub stage: StageId,
+    /// Level of the faulting entry (the leaf level for permission faults; 0
+    /// for input-address checks).
+    pub level: u8,
+    /// The input address of the faulting stage (for a stage-2 fault in a
+    /// nested walk: the guest-physical address being translated).
+    pub addr: u64,
+    /// x86 #PF error code for first-stage faults (0 otherwise).
+    pub error_code: u32,
+    /// In a nested walk, a stage-2 fault hit while reading the stage-1 table
+    /// at this level; `None` for the final translation or a single-stage walk.
+    pub stage1_level: Option<u8>,
+}
+
+impl Fault {
+    fn new<F: Format>(f: &F, kind: FaultKind, level: u8, addr: u64, access: Access) -> Self {
+        Fault {
+            kind,
+            stage: F::STAGE,
+            level,
+            addr,
+            error_code: f.error_code(kind, access),
+            stage1_level: None,
+        }
+    }
+}
+
+impl core::fmt::Display for Fault {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{:?} stage fault {:?} at level {} for {:#x}",
+            self.stage, self.kind, self.level, self.addr
+        )?;
+        if self.error_code != 0 {
+            write!(f, " (error code {:#x})", self.error_code)?;
+        }
+        if let Some(l) = self.stage1_level {
+            write!(f, " while reading the stage-1 table at level {l}")?;
+        }
+        Ok(())
+    }
+}
+
+impl core::error::Error for Fault {}
+
+/// A successful translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Translation<A> {
+    /// The output address (page base plus the input's offset in the page).
+    pub addr: A,
+    /// Size of the page that maps it.
+    pub size: PageSize,
+    /// Effective permissions of the walk.
+    pub perms: Perms,
+    /// The leaf entry as it is after this access (A/D set).
+    pub leaf: u64,
+}
+
+impl<A: Address> Translation<A> {
+    /// First address of the page.
+    pub fn page_base(&self) -> A {
+        A::from_raw(self.addr.raw() & !self.size.offset_mask())
+    }
+}
+
+/// The entries a walk went through, top first.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Path {
+    pub addr: [u64; 5],
+    pub value: [u64; 5],
+    pub len: usize,
+    pub top: u8,
+}
+
+/// Reads entries for a walk. `Err(None)` means "no memory there" (a
+/// [`FaultKind::TableRead`] of the walking stage); `Err(Some(f))` passes on a
+/// fault of another stage (the nested walk's stage-2 faults).
+pub(crate) trait EntryReader {
+    fn read(&self, addr: u64, level: u8) -> Result<u64, Option<Fault>>;
+    /// Compare-exchange; `Ok(false)` when the entry no longer holds `old`.
+    fn update(&self, addr: u64, old: u64, new: u64, level: u8) -> Result<bool, Option<Fault>>;
+}
+
+/// Entries read straight from table memory.
+pub(crate) struct Direct<'a, M>(pub &'a M);
+
+impl<M: TableMemory> EntryReader for Direct<'_, M> {
+    #[inline(always)]
+    fn read(&self, addr: u64, _level: u8) -> Result<u64, Option<Fault>> {
+        self.0.read_entry(M::Addr::from_raw(addr)).map_err(|_| None)
+    }
+
+    #[inline]
+    fn update(&self, addr: u64, old: u64, new: u64, _level: u8) -> Result<bool, Option<Fault>> {
+        match self.0.compare_exchange_entry(M::Addr::from_raw(addr), old, new) {
+            Ok(r) => Ok(r.is_ok()),
+            Err(_) => Err(None),
+        }
+    }
+}
+
+/// Where a walk starts: the root, or a table found in a paging-structure cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Start {
+    pub table: u64,
+    pub level: u8,
+    pub and_bits: u64,
+    pub or_bits: u64,
+}
+
+impl Start {
+    pub(crate) fn root<F: Format>(f: &F, root: u64) -> Self {
+        Start { table: root & !0xfff, level: f.levels(), and_bits: u64::MAX, or_bits: 0 }
+    }
+}
+
+/// Walks from `start` to the leaf: present and reserved-bit checks only.
+#[inline(always)]
+pub(crate) fn walk_path<F: Format, R: EntryReader>(
+    f: &F,
+    r: &R,
+    start: Start,
+    input: u64,
+    access: Access,
+) -> Result<(Path, Walked), Fault> {
+    let mut path = Path { top: start.level, ..Path::default() };
+    let mut table = start.table;
+    let mut level = start.level;
+    let mut and_bits = start.and_bits;
+    let mut or_bits = start.or_bits;
+    loop {
+        let ea = table | (index(input, level) << 3);
+        let e = match r.read(ea, level) {
+            Ok(e) => e,
+            Err(None) => return Err(Fault::new(f, FaultKind::TableRead, level, input, access)),
+            Err(Some(fault)) => return Err(fault),
+        };
+        if !f.is_present(e) {
+            return Err(Fault::new(f, FaultKind::NotPresent, level, input, access));
+        }
+        if f.reserved_bits(e, level) != 0 {
+            return Err(Fault::new(f, FaultKind::Reserved, level, input, access));
+        }
+        and_bits &= e;
+        or_bits |= e;
+        if let (Some(a), Some(v)) = (path.addr.get_mut(path.len), path.value.get_mut(path.len)) {
+            *a = ea;
+            *v = e;
+            path.len += 1;
+        }
+        if level <= 1 || f.is_leaf(e, level) {
+            return Ok((path, Walked { leaf: e, level, and_bits, or_bits }));
+        }
+        table = f.address(e);
+        level -= 1;
+    }
+}
+
+/// A full translation from `start`: walk, access check, A/D updates (with restart on a race).
+pub(crate) fn translate_path<F: Format, R: EntryReader>(
+    f: &F,
+    r: &R,
+    start: Start,
+    input: u64,
+    access: Access,
+) -> Result<(Path, Walked), Fault> {
+    f.check_input(input).map_err(|kind| Fault::new(f, kind, 0, input, access))?;
+    'retry: for _ in 0..MAX_AD_RETRIES {
+        let (mut path, mut walked) = walk_path(f, r, start, input, access)?;
+        f.check_access(&walked, access).map_err(|kind| Fault::new(f, kind, walked.level, input, access))?;
+        let mut level = path.top;
+        for i in 0..path.len {
+            let old = path.value[i];
+            let leaf = i + 1 == path.len;
+            let new = f.accessed_dirty(old, leaf, access);
+            let entry_level = level;
+            level = level.saturating_sub(1);
+            if new == old {
+                continue;
+            }
+            let level = entry_level;
+            match r.update(path.addr[i], old, new, level) {
+                Ok(true) => {
+                    path.value[i] = new;
+                    if leaf {
+                        walked.leaf = new;
+                    }
+                }
+                Ok(false) => continue 'retry,
+                Err(None) => return Err(Fault::new(f, FaultKind::TableRead, level, input, access)),
+                Err(Some(fault)) => return Err(fault),
+            }
+        }
+        return Ok((path, walked));
+    }
+    Err(Fault::new(f, FaultKind::Contended, 0, input, access))
+}
+
+/// Builds the translation of `input` from a completed walk.
+#[inline(always)]
+pub(crate) fn finish<F: Format, A: Address>(
+    f: &F,
+    walked: &Walked,
+    input: u64,
+    access: Access,
+) -> Result<Translation<A>, Fault> {
+    let Some(size) = PageSize::from_level(walked.level) else {
+        return Err(Fault::new(f, FaultKind::Reserved, walked.level, input, access));
+    };
+    let span = entry_span(walked.level);
+    let base = f.address(walked.leaf) & !(span - 1);
+    Ok(Translation {
+        addr: A::from_raw(base | (input & (span - 1))),
+        size,
+        perms: f.perms(walked),
+        leaf: walked.leaf,
+    })
+}
+
+/// Translation through a table of format `Self`, for every [`Format`].
+///
+/// ```
+/// use memvisor_paging::{Access, Arena, Mapper, Walker, X86Attrs, X86Paging};
+/// use memvisor_types::{AddrRange, Gva, Hpa, PageSize};
+///
+/// let arena = Arena::new(Hpa::new(0x10_0000), 64);
+/// let mut mapper = Mapper::new(X86Paging::four_level(), &arena, arena.frame_allocator())?;
+/// let va = AddrRange::from_len(Gva::new(0x40_0000), 0x20_0000)?;
+/// mapper.map(va, Hpa::new(0x8000_0000), X86Attrs::user_rwx(), PageSize::Size2M)?;
+///
+/// let t = X86Paging::four_level().translate(&arena, mapper.root(), Gva::new(0x41_2345), Access::write().user())?;
+/// assert_eq!(t.addr, Hpa::new(0x8001_2345));
+/// assert_eq!(t.size, PageSize::Size2M);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait Walker: Format {
+    /// Translates `input` for `access` through the table at `root`: checks
+    /// everything and sets accessed/dirty flags on success.
+    fn translate<M: TableMemory, I: Address>(
+        &self,
+        mem: &M,
+        root: M::Addr,
+        input: I,
+        access: Access,
+    ) -> Result<Translation<M::Addr>, Fault> {
+        let (_, walked) =
+            translate_path(self, &Direct(mem), Start::root(self, root.raw()), input.raw(), access)?;
+        finish(self, &walked, input.raw(), access)
+    }
+
+    /// Looks up the mapping of `input` without checking access rights and
+    /// without writing anything (a debugger's or a software TLB-fill view).
+    /// Present and reserved-bit checks still apply.
+    #[inline]
+    fn lookup<M: TableMemory, I: Address>(
+        &self,
+        mem: &M,
+        root: M::Addr,
+        input: I,
+    ) -> Result<Translation<M::Addr>, Fault> {
+        let access = Access::read();
+        let input = input.raw();
+        self.check_input(input).map_err(|kind| Fault::new(self, kind, 0, input, access))?;
+        let (_, walked) = walk_path(self, &Direct(mem), Start::root(self, root.raw()), input, access)?;
+        finish(self, &walked, input, access)
+    }
+}
+
+impl<F: Format> Walker for F {}
