@@ -344,3 +344,28 @@ fn drop_overlapping<S>(
 pub fn region_bytes(level: u8) -> u64 {
     entry_span(level)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Arena, Mapper, SecondStage, SecondStageAttrs};
+    use memvisor_types::{Gpa, Hpa, PageSize};
+
+    #[test]
+    fn second_lookup_of_a_2m_page_hits_the_tlb() {
+        // Arrange
+        let arena = Arena::new(Hpa::new(0), 16);
+        let mut m = Mapper::new(SecondStage::four_level(), &arena, arena.frame_allocator()).unwrap();
+        let r = AddrRange::from_len(Gpa::new(0x20_0000), 0x20_0000).unwrap();
+        m.map(r, Hpa::new(0x4000_0000), SecondStageAttrs::rwx(), PageSize::Size2M).unwrap();
+        let mut tlb = TranslationCache::new(SecondStage::four_level(), 64, 16);
+        tlb.translate(&arena, m.root(), Gpa::new(0x20_1000), Access::read()).unwrap();
+
+        // Act
+        let t = tlb.translate(&arena, m.root(), Gpa::new(0x30_0000), Access::read()).unwrap();
+
+        // Assert
+        assert_eq!(t.addr, Hpa::new(0x4010_0000));
+        assert_eq!(tlb.stats().hits, 1);
+    }
+}

@@ -114,6 +114,12 @@ impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
             if let Ok(Ok(_)) =
                 self.mem.compare_exchange_entry(M::Addr::from_raw(hit.leaf_addr), hit.leaf, dirty)
             {
+                // Other stage-1 levels may sit behind the same stage-2 leaf.
+                let mut last = self.last.get();
+                for h in last.iter_mut().flatten().filter(|h| h.leaf_addr == hit.leaf_addr) {
+                    h.leaf = dirty;
+                }
+                self.last.set(last);
                 return Ok(hit.hpa);
             }
         }
