@@ -14,7 +14,9 @@ use memvisor_types::{Address, PageSize};
 
 use crate::format::{Access, Format, Perms};
 use crate::memory::{CountingMemory, TableMemory};
-use crate::walk::{Direct, EntryReader, Fault, Start, Translation, finish, translate_path};
+use crate::walk::{
+    Direct, EntryReader, Fault, Start, Translation, finish, translate_path, update_accessed_dirty,
+};
 
 /// First stage `S1` nested over second stage `S2`.
 ///
@@ -107,13 +109,11 @@ impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
             && hit.gpa == gpa
             && hit.writable
         {
-            let dirty = self.stage2.accessed_dirty(hit.leaf, true, write);
-            if dirty == hit.leaf {
-                return Ok(hit.hpa);
-            }
-            if let Ok(Ok(_)) =
-                self.mem.compare_exchange_entry(M::Addr::from_raw(hit.leaf_addr), hit.leaf, dirty)
-            {
+            let leaf_addr = M::Addr::from_raw(hit.leaf_addr);
+            let set = update_accessed_dirty(self.stage2, hit.leaf, true, write, |cur, new| {
+                self.mem.compare_exchange_entry(leaf_addr, cur, new).map(|r| r.map(|_| ()))
+            });
+            if let Ok(Some(dirty)) = set {
                 // Other stage-1 levels may sit behind the same stage-2 leaf.
                 let mut last = self.last.get();
                 for h in last.iter_mut().flatten().filter(|h| h.leaf_addr == hit.leaf_addr) {
@@ -138,11 +138,11 @@ impl<S2: Format, M: TableMemory> EntryReader for ThroughStage2<'_, S2, M> {
         self.mem.read_entry(M::Addr::from_raw(hit.hpa)).map_err(|_| None)
     }
 
-    fn update(&self, gpa: u64, old: u64, new: u64, level: u8) -> Result<bool, Option<Fault>> {
+    fn update(&self, gpa: u64, old: u64, new: u64, level: u8) -> Result<Result<(), u64>, Option<Fault>> {
         let hpa = self.write_target(gpa, level)?;
         let hpa = M::Addr::from_raw(hpa);
         match self.mem.compare_exchange_entry(hpa, old, new) {
-            Ok(r) => Ok(r.is_ok()),
+            Ok(r) => Ok(r.map(|_| ())),
             Err(_) => Err(None),
         }
     }
@@ -206,5 +206,38 @@ impl<S1: Format, S2: Format> Nested<S1, S2> {
         let n = u32::from(self.stage1.levels());
         let m = u32::from(self.stage2.levels());
         n * (m + 1) + m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::x86;
+    use crate::{Arena, Mapper, OffsetMemory, SecondStage, SecondStageAttrs, X86Paging};
+    use memvisor_types::{AddrRange, Gpa, Gva, Hpa};
+
+    #[test]
+    fn self_referencing_stage1_table_stays_within_the_reference_bound() {
+        // Arrange: guest RAM = host frames 0x10_0000.. (identity-offset view);
+        // the stage-1 root's entry 0 points at the root itself at every level
+        // (a recursive mapping), so one entry is read — and gets its A flag —
+        // four times on one walk.
+        let host = Arena::new(Hpa::new(0), 64);
+        let mut s2 = Mapper::new(SecondStage::four_level(), &host, host.frame_allocator()).unwrap();
+        let ram = AddrRange::from_len(Gpa::new(0), 0x10_0000).unwrap();
+        s2.map(ram, Hpa::new(0), SecondStageAttrs::rwx(), PageSize::Size4K).unwrap();
+        let guest = OffsetMemory::<_, Gpa>::new(&host, 0);
+        let root = Gpa::new(0x3f000);
+        guest.write_entry(root, root.raw() | x86::P | x86::RW | x86::US).unwrap();
+        let nested = Nested { stage1: X86Paging::four_level(), stage2: SecondStage::four_level() };
+
+        // Act
+        let (t, refs) = nested.translate_counted(&host, s2.root(), root, Gva::new(0x18), Access::write());
+
+        // Assert
+        assert_eq!(t.unwrap().addr, Hpa::new(0x3f018));
+        assert!(refs <= nested.max_references(), "{refs} references");
+        let entry = guest.read_entry(root).unwrap();
+        assert_eq!(entry & (x86::A | x86::D), x86::A | x86::D);
     }
 }

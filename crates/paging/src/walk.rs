@@ -105,8 +105,8 @@ pub(crate) struct Path {
 /// fault of another stage (the nested walk's stage-2 faults).
 pub(crate) trait EntryReader {
     fn read(&self, addr: u64, level: u8) -> Result<u64, Option<Fault>>;
-    /// Compare-exchange; `Ok(false)` when the entry no longer holds `old`.
-    fn update(&self, addr: u64, old: u64, new: u64, level: u8) -> Result<bool, Option<Fault>>;
+    /// Compare-exchange; `Ok(Err(actual))` when the entry no longer holds `old`.
+    fn update(&self, addr: u64, old: u64, new: u64, level: u8) -> Result<Result<(), u64>, Option<Fault>>;
 }
 
 /// Entries read straight from table memory.
@@ -119,12 +119,40 @@ impl<M: TableMemory> EntryReader for Direct<'_, M> {
     }
 
     #[inline]
-    fn update(&self, addr: u64, old: u64, new: u64, _level: u8) -> Result<bool, Option<Fault>> {
+    fn update(&self, addr: u64, old: u64, new: u64, _level: u8) -> Result<Result<(), u64>, Option<Fault>> {
         match self.0.compare_exchange_entry(M::Addr::from_raw(addr), old, new) {
-            Ok(r) => Ok(r.is_ok()),
+            Ok(r) => Ok(r.map(|_| ())),
             Err(_) => Err(None),
         }
     }
+}
+
+/// Sets the accessed/dirty flags an access needs on an entry read as `old`,
+/// through `cas(expected, new)`. A concurrent change of only the flag bits
+/// (another walker setting A, or the same entry met twice on one walk) is
+/// folded in and retried; any other change returns `Ok(None)`: the walk must
+/// start again. `Ok(Some(value))` is the entry as written.
+pub(crate) fn update_accessed_dirty<F: Format, E>(
+    f: &F,
+    old: u64,
+    leaf: bool,
+    access: Access,
+    mut cas: impl FnMut(u64, u64) -> Result<Result<(), u64>, E>,
+) -> Result<Option<u64>, E> {
+    let flags = f.preserved_bits();
+    let mut current = old;
+    for _ in 0..MAX_AD_RETRIES {
+        let new = f.accessed_dirty(current, leaf, access);
+        if new == current {
+            return Ok(Some(current));
+        }
+        match cas(current, new)? {
+            Ok(()) => return Ok(Some(new)),
+            Err(actual) if actual & !flags == old & !flags => current = actual,
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// Where a walk starts: the root, or a table found in a paging-structure cache.
@@ -207,14 +235,15 @@ pub(crate) fn translate_path<F: Format, R: EntryReader>(
                 continue;
             }
             let level = entry_level;
-            match r.update(path.addr[i], old, new, level) {
-                Ok(true) => {
-                    path.value[i] = new;
+            let addr = path.addr[i];
+            match update_accessed_dirty(f, old, leaf, access, |cur, new| r.update(addr, cur, new, level)) {
+                Ok(Some(written)) => {
+                    path.value[i] = written;
                     if leaf {
-                        walked.leaf = new;
+                        walked.leaf = written;
                     }
                 }
-                Ok(false) => continue 'retry,
+                Ok(None) => continue 'retry,
                 Err(None) => return Err(Fault::new(f, FaultKind::TableRead, level, input, access)),
                 Err(Some(fault)) => return Err(fault),
             }
