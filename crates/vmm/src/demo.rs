@@ -10,8 +10,8 @@
 
 use anyhow::{Context, Result, ensure};
 use memvisor_paging::{
-    Access, Arena, ArenaFrames, FaultKind, Mapper, Nested, OffsetMemory, SecondStage, SecondStageAttrs, StageId,
-    TranslationCache, Walker, X86Attrs, X86Paging,
+    Access, Arena, ArenaFrames, FaultKind, Mapper, Nested, OffsetMemory, SecondStage, SecondStageAttrs,
+    StageId, TranslationCache, Walker, X86Attrs, X86Paging,
 };
 use memvisor_types::{AddrRange, Gpa, Gva, Hpa, PageSize};
 
@@ -57,7 +57,10 @@ pub fn run(pages: u64) -> Result<()> {
         let gpa = Gpa::new(GUEST_DATA + (((i * 7919) % pages) << 12));
         s1.map(gva, gpa, X86Attrs::user_rwx(), PageSize::Size4K)?;
     }
-    println!("guest: {pages} scattered 4K pages at GVA {GVA_BASE:#x}, tables in GPA {:#x}..{:#x}", GUEST_TABLES.0, GUEST_TABLES.1);
+    println!(
+        "guest: {pages} scattered 4K pages at GVA {GVA_BASE:#x}, tables in GPA {:#x}..{:#x}",
+        GUEST_TABLES.0, GUEST_TABLES.1
+    );
 
     // Every page through both stages.
     let nested = Nested { stage1: s1_format, stage2: s2_format };
@@ -101,7 +104,10 @@ pub fn run(pages: u64) -> Result<()> {
         let direct = s2_format.translate(&host, s2.root(), gpa, Access::read());
         ensure!(r == direct, "cache and table disagree at {gpa} after discard: {r:?} vs {direct:?}");
         if discard.contains(gpa) {
-            ensure!(matches!(r, Err(f) if f.kind == FaultKind::NotPresent), "stale translation of discarded {gpa}");
+            ensure!(
+                matches!(r, Err(f) if f.kind == FaultKind::NotPresent),
+                "stale translation of discarded {gpa}"
+            );
             faults += 1;
         }
     }
