@@ -26,7 +26,7 @@ use memvisor_types::{AddrRange, Address};
 
 use crate::format::{Access, Format, Walked, entry_span};
 use crate::memory::TableMemory;
-use crate::walk::{Direct, Fault, Start, Translation, finish, translate_path};
+use crate::walk::{Direct, Fault, Start, Translation, WalkPlan, finish, translate_path};
 
 /// Hit and miss counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -91,6 +91,7 @@ struct PscSlot {
 #[derive(Debug, Clone)]
 pub struct TranslationCache<F: Format> {
     format: F,
+    plan: WalkPlan,
     /// One array per page size: 4K, 2M, 1G.
     tlb: [Vec<TlbSlot>; 3],
     /// One array per non-leaf level 2..=5 (index `level - 2`).
@@ -118,6 +119,7 @@ impl<F: Format> TranslationCache<F> {
         let p = psc_entries.clamp(1, 1 << 20).next_power_of_two();
         Self {
             format,
+            plan: WalkPlan::new(&format),
             tlb: [vec![TlbSlot::default(); t], vec![TlbSlot::default(); t], vec![TlbSlot::default(); t]],
             psc: [
                 vec![PscSlot::default(); p],
@@ -141,6 +143,7 @@ impl<F: Format> TranslationCache<F> {
 
     /// Translates like [`Walker::translate`](crate::Walker::translate), from
     /// the caches when they hold the answer.
+    #[inline]
     pub fn translate<M: TableMemory, I: Address>(
         &mut self,
         mem: &M,
@@ -155,7 +158,7 @@ impl<F: Format> TranslationCache<F> {
         }
         self.stats.misses += 1;
         let start = self.psc_start(root, input);
-        let (path, walked) = translate_path(&self.format, &Direct(mem), start, input, access)?;
+        let (path, walked) = translate_path(&self.format, &self.plan, &Direct(mem), start, input, access)?;
         let t = finish(&self.format, &walked, input, access)?;
         // Fill the paging-structure caches from the entries this walk read.
         let (mut and_bits, mut or_bits) = (start.and_bits, start.or_bits);
@@ -203,8 +206,9 @@ impl<F: Format> TranslationCache<F> {
                 continue;
             }
             let walked = Walked { leaf: slot.leaf, level, and_bits: slot.and_bits, or_bits: slot.or_bits };
-            let ok = self.format.check_input(input).is_ok()
-                && self.format.check_access(&walked, access).is_ok()
+            // Only a successful walk fills a slot, and its tag holds every
+            // input bit above the page offset: an invalid input cannot match.
+            let ok = self.format.check_access(&walked, access).is_ok()
                 && (!access.is_write() || self.format.is_dirty(slot.leaf));
             if !ok {
                 // Re-walk for the authoritative answer (and the D update).
@@ -232,7 +236,7 @@ impl<F: Format> TranslationCache<F> {
                 };
             }
         }
-        Start::root(&self.format, root)
+        Start::root(&self.plan, root)
     }
 
     /// Drops every cached translation and table pointer of `root` whose

@@ -49,7 +49,7 @@ pub use memory::{
     Arena, ArenaFrames, CountingMemory, FrameAllocator, MemoryError, OffsetMemory, TableMemory,
 };
 pub use nested::{Nested, NestedTranslation};
-pub use walk::{Fault, Translation, Walker};
+pub use walk::{Fault, Prepared, Translation, WalkPlan, Walker};
 
 use memvisor_types::RangeError;
 
@@ -62,6 +62,10 @@ pub enum Error {
     /// Part of the range lies beyond the table's input width.
     #[error("address {0:#x} is beyond the table's input width")]
     InputWidth(u64),
+    /// Part of the output lies beyond the physical address width (MAXPHYADDR,
+    /// the VT-d host address width, or the 52 bits an entry holds).
+    #[error("output address {0:#x} is beyond the physical address width")]
+    OutputWidth(u64),
     /// The range is not canonical, or spans the non-canonical hole.
     #[error("range starting at {0:#x} is not canonical")]
     NonCanonical(u64),

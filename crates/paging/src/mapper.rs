@@ -125,7 +125,14 @@ impl<F: Format, M: TableMemory, A: FrameAllocator<M::Addr>> Mapper<F, M, A> {
         if !output.is_aligned(PageSize::Size4K) {
             return Err(RangeError::Unaligned { value: output.raw(), align: 0x1000 }.into());
         }
-        output.try_add(range.len() - 1)?;
+        let last = output.try_add(range.len() - 1)?.raw();
+        // The output must fit the entries' address field and the physical
+        // address width: a wider one would be truncated, or would make leaves
+        // with reserved bits that no later unmap could remove.
+        let last_leaf = self.format.make_leaf(last & !0xfff, 1, attrs);
+        if self.format.address(last_leaf) != last & !0xfff || self.format.reserved_bits(last_leaf, 1) != 0 {
+            return Err(Error::OutputWidth(last));
+        }
         if !self.format.is_present(self.format.make_leaf(0, 1, attrs)) {
             return Err(Error::NotPresentAttrs);
         }
@@ -148,9 +155,13 @@ impl<F: Format, M: TableMemory, A: FrameAllocator<M::Addr>> Mapper<F, M, A> {
 
     /// Unmaps every page of `range` (a 4K-aligned range); large pages that
     /// straddle its ends are split so that only the range goes.
+    ///
+    /// Fails with [`Error::OutOfFrames`] or [`Error::SplitUnsupported`],
+    /// changing nothing, if a large page that must be split cannot be.
     pub fn unmap<I: Address>(&mut self, range: AddrRange<I>) -> Result<Changes<I, M::Addr>, Error> {
         let mut changes = Changes::new();
         if let Some((start, end)) = self.check_range(range)? {
+            self.prepare_splits(start, end)?;
             self.edit_table(self.root.raw(), self.format.levels(), start, end, Op::Unmap, &mut changes)?;
         }
         Ok(changes)
@@ -158,6 +169,8 @@ impl<F: Format, M: TableMemory, A: FrameAllocator<M::Addr>> Mapper<F, M, A> {
 
     /// Sets the attributes of every mapped page in `range` to `attrs` (keeping
     /// output addresses and accessed/dirty flags); unmapped parts are skipped.
+    ///
+    /// Like [`unmap`](Self::unmap), changes nothing when a split is impossible.
     pub fn protect<I: Address>(
         &mut self,
         range: AddrRange<I>,
@@ -168,6 +181,7 @@ impl<F: Format, M: TableMemory, A: FrameAllocator<M::Addr>> Mapper<F, M, A> {
             return Err(Error::NotPresentAttrs);
         }
         if let Some((start, end)) = self.check_range(range)? {
+            self.prepare_splits(start, end)?;
             self.edit_table(
                 self.root.raw(),
                 self.format.levels(),
@@ -352,6 +366,52 @@ impl<F: Format, M: TableMemory, A: FrameAllocator<M::Addr>> Mapper<F, M, A> {
             }
         }
         Ok(())
+    }
+
+    /// Checks, before an unmap or protect of `start..end` changes anything,
+    /// that it cannot fail half-way (which would lose the flush range and the
+    /// freed tables of what it had already done): each large page straddling
+    /// an edge of the range, and each smaller page that would straddle it
+    /// after the split, must be splittable, with a frame for every split.
+    fn prepare_splits(&mut self, start: u64, end: u64) -> Result<(), Error> {
+        let mut splits: Vec<(u8, u64)> = Vec::new();
+        for edge in [start, end] {
+            // Leaves are at most 1G: an edge aligned to 1G cuts no page.
+            if edge & (entry_span(3) - 1) == 0 {
+                continue;
+            }
+            let (mut table, mut level) = (self.root.raw(), self.format.levels());
+            while let Some((e, leaf)) = self.entry(table | index(edge, level) << 3, level)? {
+                if !leaf {
+                    table = self.format.address(e);
+                    level -= 1;
+                    continue;
+                }
+                while level > 1 && edge & (entry_span(level) - 1) != 0 {
+                    if !self.format.supports_leaf(level - 1) {
+                        return Err(Error::SplitUnsupported { level });
+                    }
+                    let page = (level, edge & !(entry_span(level) - 1));
+                    if !splits.contains(&page) {
+                        splits.push(page);
+                    }
+                    level -= 1;
+                }
+                break;
+            }
+        }
+        // The allocator is this mapper's alone: frames taken and given back
+        // stay available for the splits.
+        let mut frames = Vec::with_capacity(splits.len());
+        while frames.len() < splits.len() {
+            let Some(frame) = self.alloc.allocate_frame() else { break };
+            frames.push(frame);
+        }
+        let enough = frames.len() == splits.len();
+        for frame in frames.into_iter().rev() {
+            self.alloc.free_frame(frame);
+        }
+        if enough { Ok(()) } else { Err(Error::OutOfFrames) }
     }
 
     /// Replaces the large leaf `e` at `ea` with a table of 512 smaller leaves

@@ -15,7 +15,7 @@ use memvisor_types::{Address, PageSize};
 use crate::format::{Access, Format, Perms};
 use crate::memory::{CountingMemory, TableMemory};
 use crate::walk::{
-    Direct, EntryReader, Fault, Start, Translation, finish, translate_path, update_accessed_dirty,
+    Direct, EntryReader, Fault, Start, Translation, WalkPlan, finish, translate_path, update_accessed_dirty,
 };
 
 /// First stage `S1` nested over second stage `S2`.
@@ -71,12 +71,13 @@ pub struct NestedTranslation<H, G> {
 /// Reads stage-1 entries at guest-physical addresses through stage 2.
 struct ThroughStage2<'a, S2, M> {
     stage2: &'a S2,
+    plan: WalkPlan,
     mem: &'a M,
     root: u64,
     /// Per stage-1 level, the stage-2 result of the last read. An A/D update
     /// of the entry just read reuses it instead of walking stage 2 again, as
     /// hardware does for its locked read-modify-write.
-    last: Cell<[Option<Stage2Hit>; 6]>,
+    last: [Cell<Option<Stage2Hit>>; 6],
 }
 
 /// A stage-2 translation remembered for a stage-1 entry's A/D update.
@@ -92,10 +93,10 @@ struct Stage2Hit {
 
 impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
     fn host_translation(&self, gpa: u64, level: u8, access: Access) -> Result<Stage2Hit, Option<Fault>> {
-        let start = Start::root(self.stage2, self.root);
+        let start = Start::root(&self.plan, self.root);
         let in_stage1 = |f: Fault| Some(Fault { stage1_level: Some(level), ..f });
-        let (path, walked) =
-            translate_path(self.stage2, &Direct(self.mem), start, gpa, access).map_err(in_stage1)?;
+        let (path, walked) = translate_path(self.stage2, &self.plan, &Direct(self.mem), start, gpa, access)
+            .map_err(in_stage1)?;
         let t: Translation<M::Addr> = finish(self.stage2, &walked, gpa, access).map_err(in_stage1)?;
         let leaf_addr = path.addr.get(path.len.wrapping_sub(1)).copied().unwrap_or(0);
         Ok(Stage2Hit { gpa, hpa: t.addr.raw(), writable: t.perms.write, leaf_addr, leaf: t.leaf })
@@ -105,7 +106,7 @@ impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
     /// stage-2 dirty flag set.
     fn write_target(&self, gpa: u64, level: u8) -> Result<u64, Option<Fault>> {
         let write = Access::write().implicit();
-        if let Some(hit) = self.last.get().get(usize::from(level)).copied().flatten()
+        if let Some(hit) = self.last.get(usize::from(level)).and_then(Cell::get)
             && hit.gpa == gpa
             && hit.writable
         {
@@ -115,11 +116,11 @@ impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
             });
             if let Ok(Some(dirty)) = set {
                 // Other stage-1 levels may sit behind the same stage-2 leaf.
-                let mut last = self.last.get();
-                for h in last.iter_mut().flatten().filter(|h| h.leaf_addr == hit.leaf_addr) {
-                    h.leaf = dirty;
+                for slot in &self.last {
+                    if let Some(h) = slot.get().filter(|h| h.leaf_addr == hit.leaf_addr) {
+                        slot.set(Some(Stage2Hit { leaf: dirty, ..h }));
+                    }
                 }
-                self.last.set(last);
                 return Ok(hit.hpa);
             }
         }
@@ -130,10 +131,8 @@ impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
 impl<S2: Format, M: TableMemory> EntryReader for ThroughStage2<'_, S2, M> {
     fn read(&self, gpa: u64, level: u8) -> Result<u64, Option<Fault>> {
         let hit = self.host_translation(gpa, level, Access::read().implicit())?;
-        let mut last = self.last.get();
-        if let Some(slot) = last.get_mut(usize::from(level)) {
-            *slot = Some(hit);
-            self.last.set(last);
+        if let Some(slot) = self.last.get(usize::from(level)) {
+            slot.set(Some(hit));
         }
         self.mem.read_entry(M::Addr::from_raw(hit.hpa)).map_err(|_| None)
     }
@@ -160,18 +159,28 @@ impl<S1: Format, S2: Format> Nested<S1, S2> {
         input: I,
         access: Access,
     ) -> Result<NestedTranslation<M::Addr, G>, Fault> {
-        let reader =
-            ThroughStage2 { stage2: &self.stage2, mem, root: stage2_root.raw(), last: Cell::new([None; 6]) };
+        // Both stages record their paths: re-walking after a missing A/D
+        // flag would double the memory references of a first touch.
+        let s1_plan = WalkPlan::new(&self.stage1);
+        let s2_plan = WalkPlan::new(&self.stage2);
+        let reader = ThroughStage2 {
+            stage2: &self.stage2,
+            plan: s2_plan,
+            mem,
+            root: stage2_root.raw(),
+            last: Default::default(),
+        };
         let input = input.raw();
-        let start = Start::root(&self.stage1, stage1_root.raw());
-        let (_, s1_walked) = translate_path(&self.stage1, &reader, start, input, access)?;
+        let start = Start::root(&s1_plan, stage1_root.raw());
+        let (_, s1_walked) = translate_path(&self.stage1, &s1_plan, &reader, start, input, access)?;
         let s1: Translation<G> = finish(&self.stage1, &s1_walked, input, access)?;
         let gpa = s1.addr.raw();
         let s2_access = Access { user: false, ..access };
         let (_, s2_walked) = translate_path(
             &self.stage2,
+            &s2_plan,
             &Direct(mem),
-            Start::root(&self.stage2, stage2_root.raw()),
+            Start::root(&s2_plan, stage2_root.raw()),
             gpa,
             s2_access,
         )?;

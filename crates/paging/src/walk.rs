@@ -11,7 +11,7 @@
 
 use memvisor_types::{Address, PageSize};
 
-use crate::format::{Access, FaultKind, Format, Perms, StageId, Walked, entry_span, index};
+use crate::format::{ADDR_MASK, Access, FaultKind, Format, Perms, StageId, Walked, entry_span, index};
 use crate::memory::TableMemory;
 
 /// How many times a walk restarts after losing an A/D race before giving up
@@ -165,56 +165,150 @@ pub(crate) struct Start {
 }
 
 impl Start {
-    pub(crate) fn root<F: Format>(f: &F, root: u64) -> Self {
-        Start { table: root & !0xfff, level: f.levels(), and_bits: u64::MAX, or_bits: 0 }
+    pub(crate) fn root(plan: &WalkPlan, root: u64) -> Self {
+        Start { table: root & !0xfff, level: plan.levels, and_bits: u64::MAX, or_bits: 0 }
     }
 }
 
-/// Walks from `start` to the leaf: present and reserved-bit checks only.
+/// A [`Format`] compiled into the masks the walk loop tests: computed once,
+/// so a walk does a handful of AND operations per level instead of
+/// re-deriving the format's rules from its configuration.
+///
+/// Get one with [`Walker::prepare`]; [`Prepared`] walks with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkPlan {
+    levels: u8,
+    present: u64,
+    large_bit: u64,
+    /// Reserved bits of an entry without the large-page bit, by level.
+    small: [u64; 8],
+    /// Reserved bits of an entry with the large-page bit, by level (for
+    /// levels without large pages this includes the large-page bit itself).
+    large: [u64; 8],
+    /// Flags a successful access sets in a non-leaf entry / a read leaf / a written leaf.
+    ad_table: u64,
+    ad_leaf_read: u64,
+    ad_leaf_write: u64,
+}
+
+impl WalkPlan {
+    /// Compiles `f`.
+    pub fn new<F: Format>(f: &F) -> Self {
+        let mut small = [0; 8];
+        let mut large = [0; 8];
+        for level in 1..=f.levels().min(7) {
+            let l = usize::from(level);
+            small[l] = f.reserved_bits(!F::LARGE_BIT, level);
+            large[l] = if level == 1 { small[l] } else { f.reserved_bits(u64::MAX, level) };
+        }
+        WalkPlan {
+            levels: f.levels(),
+            present: F::PRESENT_BITS,
+            large_bit: F::LARGE_BIT,
+            small,
+            large,
+            ad_table: f.accessed_dirty(0, false, Access::read()),
+            ad_leaf_read: f.accessed_dirty(0, true, Access::read()),
+            ad_leaf_write: f.accessed_dirty(0, true, Access::write()),
+        }
+    }
+}
+
+/// The walk loop: present and reserved-bit checks from `start` to the leaf.
+/// Returns the walk and whether any entry lacks a flag `access` would set.
+/// With `RECORD`, also fills `path` with every entry read.
 #[inline(always)]
-pub(crate) fn walk_path<F: Format, R: EntryReader>(
+fn walk_core<F: Format, R: EntryReader, const RECORD: bool>(
     f: &F,
+    plan: &WalkPlan,
     r: &R,
     start: Start,
     input: u64,
     access: Access,
-) -> Result<(Path, Walked), Fault> {
-    let mut path = Path { top: start.level, ..Path::default() };
+    path: &mut Path,
+) -> Result<(Walked, bool), Fault> {
+    // One copy of the loop per start level, so the compiler unrolls it with
+    // constant shifts and a distinct (well-predicted) branch per level.
+    match start.level {
+        4 => walk_levels::<F, R, RECORD, 4>(f, plan, r, start, input, access, path),
+        5 => walk_levels::<F, R, RECORD, 5>(f, plan, r, start, input, access, path),
+        3 => walk_levels::<F, R, RECORD, 3>(f, plan, r, start, input, access, path),
+        2 => walk_levels::<F, R, RECORD, 2>(f, plan, r, start, input, access, path),
+        _ => walk_levels::<F, R, RECORD, 1>(f, plan, r, start, input, access, path),
+    }
+}
+
+#[inline(always)]
+fn walk_levels<F: Format, R: EntryReader, const RECORD: bool, const TOP: u8>(
+    f: &F,
+    plan: &WalkPlan,
+    r: &R,
+    start: Start,
+    input: u64,
+    access: Access,
+    path: &mut Path,
+) -> Result<(Walked, bool), Fault> {
+    path.top = TOP;
     let mut table = start.table;
-    let mut level = start.level;
     let mut and_bits = start.and_bits;
     let mut or_bits = start.or_bits;
-    loop {
+    let ad_leaf = if access.is_write() { plan.ad_leaf_write } else { plan.ad_leaf_read };
+    let mut missing = 0;
+    for level in (1..=TOP).rev() {
         let ea = table | (index(input, level) << 3);
         let e = match r.read(ea, level) {
             Ok(e) => e,
             Err(None) => return Err(Fault::new(f, FaultKind::TableRead, level, input, access)),
             Err(Some(fault)) => return Err(fault),
         };
-        if !f.is_present(e) {
+        if e & plan.present == 0 {
             return Err(Fault::new(f, FaultKind::NotPresent, level, input, access));
         }
-        if f.reserved_bits(e, level) != 0 {
+        let large = level > 1 && e & plan.large_bit != 0;
+        let l = usize::from(level & 7);
+        let reserved = if large { plan.large[l] } else { plan.small[l] };
+        if e & reserved != 0 {
             return Err(Fault::new(f, FaultKind::Reserved, level, input, access));
         }
         and_bits &= e;
         or_bits |= e;
-        if let (Some(a), Some(v)) = (path.addr.get_mut(path.len), path.value.get_mut(path.len)) {
+        if RECORD && let (Some(a), Some(v)) = (path.addr.get_mut(path.len), path.value.get_mut(path.len)) {
             *a = ea;
             *v = e;
             path.len += 1;
         }
-        if level <= 1 || f.is_leaf(e, level) {
-            return Ok((path, Walked { leaf: e, level, and_bits, or_bits }));
+        if level <= 1 || large {
+            missing |= ad_leaf & !e;
+            return Ok((Walked { leaf: e, level, and_bits, or_bits }, missing != 0));
         }
-        table = f.address(e);
-        level -= 1;
+        missing |= plan.ad_table & !e;
+        table = e & ADDR_MASK;
     }
+    // Level 1 always ends the loop above.
+    Err(Fault::new(f, FaultKind::Reserved, 0, input, access))
 }
 
-/// A full translation from `start`: walk, access check, A/D updates (with restart on a race).
+/// Walks from `start` to the leaf (present and reserved-bit checks only),
+/// recording the path.
+#[inline]
+pub(crate) fn walk_path<F: Format, R: EntryReader>(
+    f: &F,
+    plan: &WalkPlan,
+    r: &R,
+    start: Start,
+    input: u64,
+    access: Access,
+) -> Result<(Path, Walked), Fault> {
+    let mut path = Path::default();
+    let (walked, _) = walk_core::<F, R, true>(f, plan, r, start, input, access, &mut path)?;
+    Ok((path, walked))
+}
+
+/// A full translation from `start`: walk, access check, A/D updates (with
+/// restart on a race), returning the path for paging-structure caches.
 pub(crate) fn translate_path<F: Format, R: EntryReader>(
     f: &F,
+    plan: &WalkPlan,
     r: &R,
     start: Start,
     input: u64,
@@ -222,21 +316,21 @@ pub(crate) fn translate_path<F: Format, R: EntryReader>(
 ) -> Result<(Path, Walked), Fault> {
     f.check_input(input).map_err(|kind| Fault::new(f, kind, 0, input, access))?;
     'retry: for _ in 0..MAX_AD_RETRIES {
-        let (mut path, mut walked) = walk_path(f, r, start, input, access)?;
+        let (mut path, mut walked) = walk_path(f, plan, r, start, input, access)?;
         f.check_access(&walked, access).map_err(|kind| Fault::new(f, kind, walked.level, input, access))?;
         let mut level = path.top;
         for i in 0..path.len {
             let old = path.value[i];
             let leaf = i + 1 == path.len;
-            let new = f.accessed_dirty(old, leaf, access);
             let entry_level = level;
             level = level.saturating_sub(1);
-            if new == old {
+            if f.accessed_dirty(old, leaf, access) == old {
                 continue;
             }
-            let level = entry_level;
             let addr = path.addr[i];
-            match update_accessed_dirty(f, old, leaf, access, |cur, new| r.update(addr, cur, new, level)) {
+            match update_accessed_dirty(f, old, leaf, access, |cur, new| {
+                r.update(addr, cur, new, entry_level)
+            }) {
                 Ok(Some(written)) => {
                     path.value[i] = written;
                     if leaf {
@@ -244,13 +338,50 @@ pub(crate) fn translate_path<F: Format, R: EntryReader>(
                     }
                 }
                 Ok(None) => continue 'retry,
-                Err(None) => return Err(Fault::new(f, FaultKind::TableRead, level, input, access)),
+                Err(None) => return Err(Fault::new(f, FaultKind::TableRead, entry_level, input, access)),
                 Err(Some(fault)) => return Err(fault),
             }
         }
         return Ok((path, walked));
     }
     Err(Fault::new(f, FaultKind::Contended, 0, input, access))
+}
+
+/// A full translation when the caller needs no path: one walk without
+/// bookkeeping when every flag the access sets is already set (the steady
+/// state), else the recording walk with updates.
+#[inline]
+pub(crate) fn translate_walk<F: Format, R: EntryReader>(
+    f: &F,
+    plan: &WalkPlan,
+    r: &R,
+    start: Start,
+    input: u64,
+    access: Access,
+) -> Result<Walked, Fault> {
+    f.check_input(input).map_err(|kind| Fault::new(f, kind, 0, input, access))?;
+    let mut unused = Path::default();
+    let (walked, missing) = walk_core::<F, R, false>(f, plan, r, start, input, access, &mut unused)?;
+    f.check_access(&walked, access).map_err(|kind| Fault::new(f, kind, walked.level, input, access))?;
+    if !missing {
+        return Ok(walked);
+    }
+    translate_path(f, plan, r, start, input, access).map(|(_, walked)| walked)
+}
+
+/// A lookup: present and reserved-bit checks, no access check, no writes.
+#[inline]
+pub(crate) fn lookup_walk<F: Format, R: EntryReader>(
+    f: &F,
+    plan: &WalkPlan,
+    r: &R,
+    start: Start,
+    input: u64,
+) -> Result<Walked, Fault> {
+    let access = Access::read();
+    f.check_input(input).map_err(|kind| Fault::new(f, kind, 0, input, access))?;
+    let mut unused = Path::default();
+    walk_core::<F, R, false>(f, plan, r, start, input, access, &mut unused).map(|(walked, _)| walked)
 }
 
 /// Builds the translation of `input` from a completed walk.
@@ -293,6 +424,9 @@ pub(crate) fn finish<F: Format, A: Address>(
 pub trait Walker: Format {
     /// Translates `input` for `access` through the table at `root`: checks
     /// everything and sets accessed/dirty flags on success.
+    ///
+    /// Compiles the format on every call; for many walks with one format,
+    /// [`prepare`](Self::prepare) once.
     fn translate<M: TableMemory, I: Address>(
         &self,
         mem: &M,
@@ -300,26 +434,73 @@ pub trait Walker: Format {
         input: I,
         access: Access,
     ) -> Result<Translation<M::Addr>, Fault> {
-        let (_, walked) =
-            translate_path(self, &Direct(mem), Start::root(self, root.raw()), input.raw(), access)?;
-        finish(self, &walked, input.raw(), access)
+        self.prepare().translate(mem, root, input, access)
     }
 
     /// Looks up the mapping of `input` without checking access rights and
     /// without writing anything (a debugger's or a software TLB-fill view).
     /// Present and reserved-bit checks still apply.
-    #[inline]
     fn lookup<M: TableMemory, I: Address>(
         &self,
         mem: &M,
         root: M::Addr,
         input: I,
     ) -> Result<Translation<M::Addr>, Fault> {
-        let access = Access::read();
-        let input = input.raw();
-        self.check_input(input).map_err(|kind| Fault::new(self, kind, 0, input, access))?;
-        let (_, walked) = walk_path(self, &Direct(mem), Start::root(self, root.raw()), input, access)?;
-        finish(self, &walked, input, access)
+        self.prepare().lookup(mem, root, input)
+    }
+
+    /// This format compiled for repeated walks.
+    fn prepare(&self) -> Prepared<Self> {
+        Prepared { format: *self, plan: WalkPlan::new(self) }
+    }
+}
+
+/// A format with its compiled [`WalkPlan`]: the fast way to walk many
+/// addresses with one configuration (from [`Walker::prepare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared<F: Format> {
+    format: F,
+    plan: WalkPlan,
+}
+
+impl<F: Format> Prepared<F> {
+    /// The format.
+    pub fn format(&self) -> &F {
+        &self.format
+    }
+
+    /// The compiled plan.
+    pub fn plan(&self) -> &WalkPlan {
+        &self.plan
+    }
+
+    /// As [`Walker::translate`].
+    #[inline]
+    pub fn translate<M: TableMemory, I: Address>(
+        &self,
+        mem: &M,
+        root: M::Addr,
+        input: I,
+        access: Access,
+    ) -> Result<Translation<M::Addr>, Fault> {
+        let (f, input) = (&self.format, input.raw());
+        let start = Start::root(&self.plan, root.raw());
+        let walked = translate_walk(f, &self.plan, &Direct(mem), start, input, access)?;
+        finish(f, &walked, input, access)
+    }
+
+    /// As [`Walker::lookup`].
+    #[inline]
+    pub fn lookup<M: TableMemory, I: Address>(
+        &self,
+        mem: &M,
+        root: M::Addr,
+        input: I,
+    ) -> Result<Translation<M::Addr>, Fault> {
+        let (f, input) = (&self.format, input.raw());
+        let start = Start::root(&self.plan, root.raw());
+        let walked = lookup_walk(f, &self.plan, &Direct(mem), start, input)?;
+        finish(f, &walked, input, Access::read())
     }
 }
 

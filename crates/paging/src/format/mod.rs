@@ -162,6 +162,14 @@ pub trait Format: Copy + Debug {
     /// Which stage this format implements (reported in faults).
     const STAGE: StageId;
 
+    /// An entry is present when any of these bits is set.
+    const PRESENT_BITS: u64;
+
+    /// The page-size bit: set in a level-2 or level-3 entry that maps a page.
+    /// [`reserved_bits`](Self::reserved_bits) must depend on the entry only
+    /// through this bit (and report it where large pages are not allowed).
+    const LARGE_BIT: u64;
+
     /// Number of levels of the table (4 or 5 for x86, 3–5 for VT-d second stage).
     fn levels(&self) -> u8;
 
@@ -176,13 +184,19 @@ pub trait Format: Copy + Debug {
     }
 
     /// Whether the entry is present.
-    fn is_present(&self, entry: u64) -> bool;
+    #[inline]
+    fn is_present(&self, entry: u64) -> bool {
+        entry & Self::PRESENT_BITS != 0
+    }
 
     /// The reserved bits of a present entry at `level` that are set (0 = none).
     fn reserved_bits(&self, entry: u64, level: u8) -> u64;
 
     /// Whether a present, reserved-bit-clean entry at `level` maps a page.
-    fn is_leaf(&self, entry: u64, level: u8) -> bool;
+    #[inline]
+    fn is_leaf(&self, entry: u64, level: u8) -> bool {
+        level == 1 || entry & Self::LARGE_BIT != 0
+    }
 
     /// The physical address field of an entry (bits 51:12, unshifted).
     fn address(&self, entry: u64) -> u64;
@@ -195,7 +209,7 @@ pub trait Format: Copy + Debug {
 
     /// The value `entry` must have after a successful `access` through it
     /// (accessed flag everywhere, dirty flag on a written leaf); `entry` itself
-    /// when nothing is to be set.
+    /// when nothing is to be set. Must only ever OR bits in.
     fn accessed_dirty(&self, entry: u64, leaf: bool, access: Access) -> u64;
 
     /// Whether a leaf entry already carries the dirty flag (a cached

@@ -111,6 +111,8 @@ impl SecondStageAttrs {
 impl Format for SecondStage {
     type Attrs = SecondStageAttrs;
 
+    const PRESENT_BITS: u64 = R | W;
+    const LARGE_BIT: u64 = PS;
     const STAGE: StageId = StageId::Second;
 
     #[inline]
@@ -121,11 +123,6 @@ impl Format for SecondStage {
     #[inline]
     fn check_input(&self, input: u64) -> Result<(), FaultKind> {
         if input >> self.input_width() == 0 { Ok(()) } else { Err(FaultKind::AddressWidth) }
-    }
-
-    #[inline]
-    fn is_present(&self, entry: u64) -> bool {
-        entry & (R | W) != 0
     }
 
     #[inline]
@@ -150,11 +147,6 @@ impl Format for SecondStage {
             _ => {}
         }
         entry & reserved
-    }
-
-    #[inline]
-    fn is_leaf(&self, entry: u64, level: u8) -> bool {
-        level == 1 || entry & PS != 0
     }
 
     #[inline]

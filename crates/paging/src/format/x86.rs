@@ -174,6 +174,8 @@ impl X86Attrs {
 impl Format for X86Paging {
     type Attrs = X86Attrs;
 
+    const PRESENT_BITS: u64 = P;
+    const LARGE_BIT: u64 = PS;
     const STAGE: StageId = StageId::First;
 
     #[inline]
@@ -202,11 +204,6 @@ impl Format for X86Paging {
     }
 
     #[inline]
-    fn is_present(&self, entry: u64) -> bool {
-        entry & P != 0
-    }
-
-    #[inline]
     fn reserved_bits(&self, entry: u64, level: u8) -> u64 {
         // SDM tables 4-15..4-20: bits 51:MAXPHYADDR everywhere, XD without NXE,
         // PS in PML5E/PML4E (and in a PDPTE without 1G pages), and the address
@@ -222,11 +219,6 @@ impl Format for X86Paging {
             _ => {}
         }
         entry & reserved
-    }
-
-    #[inline]
-    fn is_leaf(&self, entry: u64, level: u8) -> bool {
-        level == 1 || entry & PS != 0
     }
 
     #[inline]
