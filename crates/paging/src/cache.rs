@@ -26,7 +26,7 @@ use memvisor_types::{AddrRange, Address};
 
 use crate::format::{Access, Format, Walked, entry_span};
 use crate::memory::TableMemory;
-use crate::walk::{Direct, Fault, Start, Translation, WalkPlan, finish, translate_path};
+use crate::walk::{Direct, Fault, Path, Start, Translation, WalkPlan, finish, translate_path};
 
 /// Hit and miss counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -158,7 +158,8 @@ impl<F: Format> TranslationCache<F> {
         }
         self.stats.misses += 1;
         let start = self.psc_start(root, input);
-        let (path, walked) = translate_path(&self.format, &self.plan, &Direct(mem), start, input, access)?;
+        let mut path = Path::default();
+        let walked = translate_path(&self.format, &self.plan, &Direct(mem), start, input, access, &mut path)?;
         let t = finish(&self.format, &walked, input, access)?;
         // Fill the paging-structure caches from the entries this walk read.
         let (mut and_bits, mut or_bits) = (start.and_bits, start.or_bits);

@@ -48,7 +48,7 @@ pub use mapper::{Changes, Mapper};
 pub use memory::{
     Arena, ArenaFrames, CountingMemory, FrameAllocator, MemoryError, OffsetMemory, TableMemory,
 };
-pub use nested::{Nested, NestedTranslation};
+pub use nested::{Nested, NestedTranslation, PreparedNested};
 pub use walk::{Fault, Prepared, Translation, WalkPlan, Walker};
 
 use memvisor_types::RangeError;

@@ -15,7 +15,8 @@ use memvisor_types::{Address, PageSize};
 use crate::format::{Access, Format, Perms};
 use crate::memory::{CountingMemory, TableMemory};
 use crate::walk::{
-    Direct, EntryReader, Fault, Start, Translation, WalkPlan, finish, translate_path, update_accessed_dirty,
+    Direct, EntryReader, Fault, Path, Start, Translation, WalkPlan, finish, translate_path,
+    update_accessed_dirty,
 };
 
 /// First stage `S1` nested over second stage `S2`.
@@ -95,8 +96,10 @@ impl<S2: Format, M: TableMemory> ThroughStage2<'_, S2, M> {
     fn host_translation(&self, gpa: u64, level: u8, access: Access) -> Result<Stage2Hit, Option<Fault>> {
         let start = Start::root(&self.plan, self.root);
         let in_stage1 = |f: Fault| Some(Fault { stage1_level: Some(level), ..f });
-        let (path, walked) = translate_path(self.stage2, &self.plan, &Direct(self.mem), start, gpa, access)
-            .map_err(in_stage1)?;
+        let mut path = Path::default();
+        let walked =
+            translate_path(self.stage2, &self.plan, &Direct(self.mem), start, gpa, access, &mut path)
+                .map_err(in_stage1)?;
         let t: Translation<M::Addr> = finish(self.stage2, &walked, gpa, access).map_err(in_stage1)?;
         let leaf_addr = path.addr.get(path.len.wrapping_sub(1)).copied().unwrap_or(0);
         Ok(Stage2Hit { gpa, hpa: t.addr.raw(), writable: t.perms.write, leaf_addr, leaf: t.leaf })
@@ -151,6 +154,9 @@ impl<S1: Format, S2: Format> Nested<S1, S2> {
     /// Translates `input` through stage 1 (table at the guest-physical
     /// `stage1_root`) and stage 2 (table at the host `stage2_root`), with all
     /// checks and accessed/dirty updates of both stages.
+    ///
+    /// Compiles both formats on every call; for many walks,
+    /// [`prepare`](Self::prepare) once.
     pub fn translate<M: TableMemory, G: Address, I: Address>(
         &self,
         mem: &M,
@@ -159,40 +165,16 @@ impl<S1: Format, S2: Format> Nested<S1, S2> {
         input: I,
         access: Access,
     ) -> Result<NestedTranslation<M::Addr, G>, Fault> {
-        // Both stages record their paths: re-walking after a missing A/D
-        // flag would double the memory references of a first touch.
-        let s1_plan = WalkPlan::new(&self.stage1);
-        let s2_plan = WalkPlan::new(&self.stage2);
-        let reader = ThroughStage2 {
-            stage2: &self.stage2,
-            plan: s2_plan,
-            mem,
-            root: stage2_root.raw(),
-            last: Default::default(),
-        };
-        let input = input.raw();
-        let start = Start::root(&s1_plan, stage1_root.raw());
-        let (_, s1_walked) = translate_path(&self.stage1, &s1_plan, &reader, start, input, access)?;
-        let s1: Translation<G> = finish(&self.stage1, &s1_walked, input, access)?;
-        let gpa = s1.addr.raw();
-        let s2_access = Access { user: false, ..access };
-        let (_, s2_walked) = translate_path(
-            &self.stage2,
-            &s2_plan,
-            &Direct(mem),
-            Start::root(&s2_plan, stage2_root.raw()),
-            gpa,
-            s2_access,
-        )?;
-        let s2: Translation<M::Addr> = finish(&self.stage2, &s2_walked, gpa, s2_access)?;
-        Ok(NestedTranslation {
-            addr: s2.addr,
-            gpa: s1.addr,
-            size: s1.size.min(s2.size),
-            perms: Perms { user: s1.perms.user, ..s1.perms.intersect(s2.perms) },
-            stage1_leaf: s1.leaf,
-            stage2_leaf: s2.leaf,
-        })
+        self.prepare().translate(mem, stage2_root, stage1_root, input, access)
+    }
+
+    /// Both stages compiled for repeated walks.
+    pub fn prepare(&self) -> PreparedNested<S1, S2> {
+        PreparedNested {
+            nested: *self,
+            stage1: WalkPlan::new(&self.stage1),
+            stage2: WalkPlan::new(&self.stage2),
+        }
     }
 
     /// [`translate`](Self::translate), also returning the number of entry
@@ -215,6 +197,55 @@ impl<S1: Format, S2: Format> Nested<S1, S2> {
         let n = u32::from(self.stage1.levels());
         let m = u32::from(self.stage2.levels());
         n * (m + 1) + m
+    }
+}
+
+/// A [`Nested`] with both formats compiled (from [`Nested::prepare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedNested<S1: Format, S2: Format> {
+    nested: Nested<S1, S2>,
+    stage1: WalkPlan,
+    stage2: WalkPlan,
+}
+
+impl<S1: Format, S2: Format> PreparedNested<S1, S2> {
+    /// As [`Nested::translate`].
+    pub fn translate<M: TableMemory, G: Address, I: Address>(
+        &self,
+        mem: &M,
+        stage2_root: M::Addr,
+        stage1_root: G,
+        input: I,
+        access: Access,
+    ) -> Result<NestedTranslation<M::Addr, G>, Fault> {
+        let (s1f, s2f) = (&self.nested.stage1, &self.nested.stage2);
+        // Both stages record their paths: re-walking after a missing A/D
+        // flag would double the memory references of a first touch.
+        let reader = ThroughStage2 {
+            stage2: s2f,
+            plan: self.stage2,
+            mem,
+            root: stage2_root.raw(),
+            last: Default::default(),
+        };
+        let input = input.raw();
+        let mut path = Path::default();
+        let start = Start::root(&self.stage1, stage1_root.raw());
+        let s1_walked = translate_path(s1f, &self.stage1, &reader, start, input, access, &mut path)?;
+        let s1: Translation<G> = finish(s1f, &s1_walked, input, access)?;
+        let gpa = s1.addr.raw();
+        let s2_access = Access { user: false, ..access };
+        let start = Start::root(&self.stage2, stage2_root.raw());
+        let s2_walked = translate_path(s2f, &self.stage2, &Direct(mem), start, gpa, s2_access, &mut path)?;
+        let s2: Translation<M::Addr> = finish(s2f, &s2_walked, gpa, s2_access)?;
+        Ok(NestedTranslation {
+            addr: s2.addr,
+            gpa: s1.addr,
+            size: s1.size.min(s2.size),
+            perms: Perms { user: s1.perms.user, ..s1.perms.intersect(s2.perms) },
+            stage1_leaf: s1.leaf,
+            stage2_leaf: s2.leaf,
+        })
     }
 }
 

@@ -288,24 +288,9 @@ fn walk_levels<F: Format, R: EntryReader, const RECORD: bool, const TOP: u8>(
     Err(Fault::new(f, FaultKind::Reserved, 0, input, access))
 }
 
-/// Walks from `start` to the leaf (present and reserved-bit checks only),
-/// recording the path.
-#[inline]
-pub(crate) fn walk_path<F: Format, R: EntryReader>(
-    f: &F,
-    plan: &WalkPlan,
-    r: &R,
-    start: Start,
-    input: u64,
-    access: Access,
-) -> Result<(Path, Walked), Fault> {
-    let mut path = Path::default();
-    let (walked, _) = walk_core::<F, R, true>(f, plan, r, start, input, access, &mut path)?;
-    Ok((path, walked))
-}
-
 /// A full translation from `start`: walk, access check, A/D updates (with
-/// restart on a race), returning the path for paging-structure caches.
+/// restart on a race), recording the entries read in `path` (for
+/// paging-structure caches and stage-2 leaf updates).
 pub(crate) fn translate_path<F: Format, R: EntryReader>(
     f: &F,
     plan: &WalkPlan,
@@ -313,10 +298,12 @@ pub(crate) fn translate_path<F: Format, R: EntryReader>(
     start: Start,
     input: u64,
     access: Access,
-) -> Result<(Path, Walked), Fault> {
+    path: &mut Path,
+) -> Result<Walked, Fault> {
     f.check_input(input).map_err(|kind| Fault::new(f, kind, 0, input, access))?;
     'retry: for _ in 0..MAX_AD_RETRIES {
-        let (mut path, mut walked) = walk_path(f, plan, r, start, input, access)?;
+        path.len = 0;
+        let (mut walked, _) = walk_core::<F, R, true>(f, plan, r, start, input, access, path)?;
         f.check_access(&walked, access).map_err(|kind| Fault::new(f, kind, walked.level, input, access))?;
         let mut level = path.top;
         for i in 0..path.len {
@@ -342,7 +329,7 @@ pub(crate) fn translate_path<F: Format, R: EntryReader>(
                 Err(Some(fault)) => return Err(fault),
             }
         }
-        return Ok((path, walked));
+        return Ok(walked);
     }
     Err(Fault::new(f, FaultKind::Contended, 0, input, access))
 }
@@ -366,7 +353,7 @@ pub(crate) fn translate_walk<F: Format, R: EntryReader>(
     if !missing {
         return Ok(walked);
     }
-    translate_path(f, plan, r, start, input, access).map(|(_, walked)| walked)
+    translate_path(f, plan, r, start, input, access, &mut unused)
 }
 
 /// A lookup: present and reserved-bit checks, no access check, no writes.
