@@ -5,8 +5,8 @@
 //! |---|---|---|
 //! | `walk/4level-random-4k/lookup` | `Walker::lookup` | `OffsetPageTable::translate` |
 //! | `walk/4level-random-4k/translate-read` | `Walker::translate` of a read (A bits already set, so no writes) | `OffsetPageTable::translate` |
-//! | `walk/cached` | `TranslationCache::translate` of a read (TLB hits) | `OffsetPageTable::translate` |
-//! | `walk/cached-vs-uncached` | `TranslationCache::translate` (hits) | memvisor's own `Walker::translate` |
+//! | `walk/4level-random-4k/cached` | `TranslationCache::translate` of a read (TLB hits) | `OffsetPageTable::translate` |
+//! | `walk/4level-random-4k/cached-vs-uncached` | `TranslationCache::translate` (hits) | memvisor's own `Walker::translate` |
 //! | `walk/4level-dense-16MiB-4k/{lookup,translate-read}` | as above, all pages of one 16 MiB region | `OffsetPageTable::translate` |
 //! | `walk/nested-4over4` | `Nested::translate`, 4-level x86 over 4-level second stage | the crate's `MappedPageTable` whose frame mapping walks stage 2 with an `OffsetPageTable` |
 //! | `walk/nested-4over4/refs` | entry reads per nested walk (`translate_counted`) | the bound `n·(m+1) + m` = 24 |
@@ -262,9 +262,14 @@ fn walks(plan: &Plan, passes: u64, spread: Spread, cached: bool, out: &mut Repor
         Ok(())
     };
     let m = compare(plan, &mut cached_walks, peer_walks)?;
-    out.emit(Record::timed(SUITE, "walk/cached", PEER_TRANSLATE, m))?;
+    out.emit(Record::timed(SUITE, format!("{prefix}/cached"), PEER_TRANSLATE, m))?;
     let m = compare(plan, &mut cached_walks, translate_walks)?;
-    out.emit(Record::timed(SUITE, "walk/cached-vs-uncached", "memvisor Walker::translate (no cache)", m))?;
+    out.emit(Record::timed(
+        SUITE,
+        format!("{prefix}/cached-vs-uncached"),
+        "memvisor Walker::translate (no cache)",
+        m,
+    ))?;
     let after = tlb.stats();
     let (hits, misses) = (after.hits - before.hits, after.misses - before.misses);
     eprintln!(
