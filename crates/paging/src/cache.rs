@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 
 use memvisor_types::{AddrRange, Address};
 
-use crate::format::{Access, Format, Walked, entry_span};
+use crate::format::{Access, Format, Walked};
 use crate::memory::TableMemory;
 use crate::walk::{Direct, Fault, Path, Start, Translation, WalkPlan, finish, translate_path};
 
@@ -343,11 +343,6 @@ fn drop_overlapping<S>(
         }
     }
     dropped
-}
-
-/// Bytes covered by one cached entry of `level` (for callers sizing ranges).
-pub fn region_bytes(level: u8) -> u64 {
-    entry_span(level)
 }
 
 #[cfg(test)]
