@@ -1,0 +1,1 @@
+//! memvisor-asi (under construction in this session).

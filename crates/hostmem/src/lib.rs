@@ -1,0 +1,1 @@
+//! memvisor-hostmem (under construction in this session).

@@ -1,0 +1,1 @@
+//! memvisor-kvm (under construction in this session).

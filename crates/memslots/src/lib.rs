@@ -1,0 +1,1 @@
+//! memvisor-memslots (under construction in this session).
