@@ -11,12 +11,13 @@
 //! A suite is a module with a `run(&Config, &mut Reporter)` function listed in
 //! [`SUITES`]; it builds its input once, measures with
 //! [`harness::compare`], and emits [`report::Record`]s. Suites today:
-//! `paging`. The memslots, mmu, ioas, vtd and asi suites join the same list.
+//! `paging`, `asi`. The memslots, mmu, ioas and vtd suites join the same list.
 //!
 //! Where no peer can do the same work in-process, a record compares a
 //! measured count with an analytical bound instead (its `peer` says
 //! `"bound: …"`, `peer_ns` holds the bound and `ours_ns` the measurement).
 
+mod asi;
 mod harness;
 mod paging;
 mod report;
@@ -43,14 +44,14 @@ struct Suite {
 }
 
 /// Every suite, in the order they run when none is named.
-const SUITES: &[Suite] = &[Suite { name: "paging", run: paging::run }];
+const SUITES: &[Suite] = &[Suite { name: "paging", run: paging::run }, Suite { name: "asi", run: asi::run }];
 
 /// memvisor benchmarks: each case runs memvisor and a peer on the same input,
 /// interleaved, and reports the median time of each and their ratio.
 #[derive(Debug, Parser)]
 #[command(name = "memvisor-bench", version)]
 struct Cli {
-    /// Suites to run (all when none is given): paging.
+    /// Suites to run (all when none is given): paging, asi.
     suites: Vec<String>,
     /// Print one JSON object per case on stdout, and nothing else there.
     #[arg(long)]
