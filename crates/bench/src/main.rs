@@ -11,7 +11,7 @@
 //! A suite is a module with a `run(&Config, &mut Reporter)` function listed in
 //! [`SUITES`]; it builds its input once, measures with
 //! [`harness::compare`], and emits [`report::Record`]s. Suites today:
-//! `paging`, `asi`. The memslots, mmu, ioas and vtd suites join the same list.
+//! `paging`, `memslots`, `asi`. The mmu, ioas and vtd suites join the same list.
 //!
 //! Where no peer can do the same work in-process, a record compares a
 //! measured count with an analytical bound instead (its `peer` says
@@ -19,6 +19,7 @@
 
 mod asi;
 mod harness;
+mod memslots;
 mod paging;
 mod report;
 mod rng;
@@ -44,14 +45,18 @@ struct Suite {
 }
 
 /// Every suite, in the order they run when none is named.
-const SUITES: &[Suite] = &[Suite { name: "paging", run: paging::run }, Suite { name: "asi", run: asi::run }];
+const SUITES: &[Suite] = &[
+    Suite { name: "paging", run: paging::run },
+    Suite { name: "memslots", run: memslots::run },
+    Suite { name: "asi", run: asi::run },
+];
 
 /// memvisor benchmarks: each case runs memvisor and a peer on the same input,
 /// interleaved, and reports the median time of each and their ratio.
 #[derive(Debug, Parser)]
 #[command(name = "memvisor-bench", version)]
 struct Cli {
-    /// Suites to run (all when none is given): paging, asi.
+    /// Suites to run (all when none is given): paging, memslots, asi.
     suites: Vec<String>,
     /// Print one JSON object per case on stdout, and nothing else there.
     #[arg(long)]

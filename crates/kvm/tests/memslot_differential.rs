@@ -38,7 +38,7 @@ use memvisor_memslots::{
 };
 use memvisor_types::{Gpa, Hva};
 
-/// Requests per run (release build: a few seconds on this machine).
+/// Requests per run (release build: about a second on this machine).
 const OPERATIONS: u64 = 120_000;
 const PAGE: u64 = 4096;
 /// The last page of the 64-bit space.
