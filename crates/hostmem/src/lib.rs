@@ -36,9 +36,11 @@
 
 mod guest_ram;
 mod mapping;
+mod notify;
 
 pub use guest_ram::{GuestRam, RamRegion};
 pub use mapping::{HugePages, MappedRegion, Mapping, Memfd, Protection, page_size, punch_hole};
+pub use notify::InvalidationSink;
 
 use memvisor_types::{Gpa, RangeError};
 

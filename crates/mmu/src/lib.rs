@@ -1,0 +1,1 @@
+//! memvisor-mmu (under construction in this session).
