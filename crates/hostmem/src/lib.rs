@@ -8,10 +8,18 @@
 //! | [`Memfd`] | a sized `memfd_create` file, optionally on hugetlb pages |
 //! | [`GuestRam`], [`RamRegion`] | guest-physical layout over mappings; implements vm-memory 0.18's [`GuestMemoryBackend`](vm_memory::GuestMemoryBackend) and [`GuestMemoryRegion`](vm_memory::GuestMemoryRegion), so rust-vmm consumers get `Bytes<GuestAddress>` |
 //!
-//! The operations a secondary MMU later wraps — [`Mapping::discard`],
-//! [`Mapping::punch_hole`], [`Mapping::protect`] — are plain system calls here;
-//! invalidating derived translations is the caller's job (KVM does it itself
-//! through its MMU notifier and guest_memfd invalidation).
+//! Host changes and the translations derived from guest memory:
+//!
+//! | piece | what it is |
+//! |---|---|
+//! | [`InvalidationSink`] | what a secondary MMU (or IO page table) implements to hear of changes, as `start`/`end` pairs |
+//! | [`Notifier`], [`Invalidation`] | the registry of sinks (held weakly); brackets a host operation with `start` before and `end` after |
+//! | [`NotifiedMapping`] | a [`Mapping`] whose discard (`MADV_DONTNEED` / `MADV_REMOVE`), punch hole, `mprotect` and unmap notify; [`Notifier::punch_hole`] for guest_memfd/memfd holes through the file |
+//! | [`UffdMonitor`] | userfaultfd REMOVE/UNMAP/REMAP events on registered guest memory turned into `start`/`end` pairs, so changes made outside memvisor (another thread's raw `madvise`) invalidate too |
+//!
+//! The plain [`Mapping::discard`], [`Mapping::punch_hole`] and
+//! [`Mapping::protect`] notify nobody (KVM needs no help: it hears of them
+//! through its in-kernel MMU notifier and guest_memfd invalidation).
 //!
 //! ```
 //! use memvisor_hostmem::{GuestRam, HugePages, Memfd, RamRegion};
@@ -27,7 +35,8 @@
 //! ```
 //!
 //! All address arithmetic is checked; a range outside a mapping is an error
-//! value. `unsafe` lives only in the `mapping` module.
+//! value. `unsafe` lives only in the `mapping`, `notified_mapping` (the
+//! `MappedRegion` impl) and `uffd` (system calls) modules.
 //!
 //! Non-goals: KVM ioctls (that is `memvisor-kvm`), dirty tracking of VMM
 //! writes (the vm-memory bitmap type here is `()`), non-Linux hosts.
@@ -36,11 +45,19 @@
 
 mod guest_ram;
 mod mapping;
+mod notified_mapping;
+mod notifier;
 mod notify;
+mod uffd;
 
 pub use guest_ram::{GuestRam, RamRegion};
 pub use mapping::{HugePages, MappedRegion, Mapping, Memfd, Protection, page_size, punch_hole};
+pub use notified_mapping::NotifiedMapping;
+pub use notifier::{Invalidation, Notifier, SinkId};
 pub use notify::InvalidationSink;
+pub use uffd::{
+    EventCounts, UffdMonitor, features as uffd_features, kernel_features as uffd_kernel_features,
+};
 
 use memvisor_types::{Gpa, RangeError};
 
@@ -104,6 +121,9 @@ pub enum Error {
     /// Checked address arithmetic failed (overflow).
     #[error("invalid address range")]
     Range(#[from] RangeError),
+    /// The running kernel lacks something this operation needs.
+    #[error("unsupported by this kernel or state: {0}")]
+    Unsupported(&'static str),
 }
 
 impl Error {
