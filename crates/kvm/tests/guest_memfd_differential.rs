@@ -27,7 +27,7 @@ use memvisor_memslots::gmem::{
     FLAG_INIT_SHARED, FLAG_MMAP, GmemFileModel, MmapHost, MmapRequest, SUPPORTED_FLAGS,
 };
 
-const OPERATIONS: u64 = 50_000;
+const OPERATIONS: u64 = 100_000;
 const PAGE: u64 = 4096;
 /// The last page of the 64-bit space.
 const TOP_PAGE: u64 = !0xfff;
