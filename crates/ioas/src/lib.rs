@@ -1,0 +1,1 @@
+//! memvisor-ioas (under construction in this session).
