@@ -11,7 +11,7 @@
 //! A suite is a module with a `run(&Config, &mut Reporter)` function listed in
 //! [`SUITES`]; it builds its input once, measures with
 //! [`harness::compare`], and emits [`report::Record`]s. Suites today:
-//! `paging`, `memslots`, `mmu`, `asi`. The ioas and vtd suites join the same list.
+//! `paging`, `memslots`, `mmu`, `ioas`, `asi`. The vtd suite joins the same list.
 //!
 //! Where no peer can do the same work in-process, a record compares a
 //! measured count with an analytical bound instead (its `peer` says
@@ -19,6 +19,7 @@
 
 mod asi;
 mod harness;
+mod ioas;
 mod memslots;
 mod mmu;
 mod paging;
@@ -50,6 +51,7 @@ const SUITES: &[Suite] = &[
     Suite { name: "paging", run: paging::run },
     Suite { name: "memslots", run: memslots::run },
     Suite { name: "mmu", run: mmu::run },
+    Suite { name: "ioas", run: ioas::run },
     Suite { name: "asi", run: asi::run },
 ];
 
@@ -58,7 +60,7 @@ const SUITES: &[Suite] = &[
 #[derive(Debug, Parser)]
 #[command(name = "memvisor-bench", version)]
 struct Cli {
-    /// Suites to run (all when none is given): paging, memslots, mmu, asi.
+    /// Suites to run (all when none is given): paging, memslots, mmu, ioas, asi.
     suites: Vec<String>,
     /// Print one JSON object per case on stdout, and nothing else there.
     #[arg(long)]
