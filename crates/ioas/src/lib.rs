@@ -401,6 +401,11 @@ impl Ioas {
         if length == 0 || length >= u64::MAX / 2 {
             return Err(Error::Overflow);
         }
+        // iopt_alloc_iova(): the length must be a multiple of the IOAS
+        // alignment (a page while a domain is attached), else EINVAL.
+        if length & (self.align() - 1) != 0 {
+            return Err(Error::Inval("length not a multiple of the IOAS alignment"));
+        }
         let page_offset = addr % PAGE;
         let pow = length.checked_next_power_of_two().ok_or(Error::Overflow)?;
         let mut align = if addr == 0 { pow } else { pow.min(1u64 << addr.trailing_zeros()) };

@@ -1014,13 +1014,13 @@ fn scenarios() -> Vec<(String, Body)> {
             s.push((format!("iommufd_ioas__{name}__{}", v.name()), Box::new(move |c| t(c, v))));
         }
     }
-    // With a domain, memvisor-ioas maps lengths that are not a multiple of
-    // the domain's page size, where iommufd answers EINVAL (iova + length
-    // must be aligned to the IOAS alignment): no_domain only until fixed.
-    s.push((
-        "iommufd_ioas__ioas_iova_alloc__no_domain".into(),
-        Box::new(|c| iommufd_ioas_ioas_iova_alloc(c, IoasVariant::NoDomain)),
-    ));
+    // With a domain, lengths must be a multiple of its page size (EINVAL).
+    for v in IoasVariant::ALL {
+        s.push((
+            format!("iommufd_ioas__ioas_iova_alloc__{}", v.name()),
+            Box::new(move |c| iommufd_ioas_ioas_iova_alloc(c, v)),
+        ));
+    }
     s.push((
         "iommufd_ioas__ioas_align_change__no_domain".into(),
         Box::new(|c| iommufd_ioas_ioas_align_change(c, IoasVariant::NoDomain)),
