@@ -654,6 +654,13 @@ mod tests {
         assert_eq!(err.errno(), Some(libc::ENODEV), "{err}");
     }
 
+    /// Huge-page tests skip with a reason when the host reserved none, and
+    /// fail instead when `MEMVISOR_REQUIRE_HUGEPAGES=1` (CI reserves them).
+    fn skip_or_fail(reason: &str) {
+        assert!(std::env::var_os("MEMVISOR_REQUIRE_HUGEPAGES").is_none_or(|v| v != "1"), "{reason}");
+        eprintln!("skipping: {reason}");
+    }
+
     #[test]
     fn hugetlb_memfd_maps_2m_pages_or_skips_when_none_are_reserved() {
         let huge = HugePages::Size2M;
@@ -661,14 +668,14 @@ mod tests {
         let memfd = match Memfd::create("huge", size, huge) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("skipping: hugetlb memfd unavailable: {e} (errno {:?})", e.errno());
+                skip_or_fail(&format!("hugetlb memfd unavailable: {e} (errno {:?})", e.errno()));
                 return;
             }
         };
         let m = match memfd.map(0, size) {
             Ok(m) => m,
             Err(e) if e.errno() == Some(libc::ENOMEM) => {
-                eprintln!("skipping: no free 2 MiB huge pages (vm.nr_hugepages): {e}");
+                skip_or_fail(&format!("no free 2 MiB huge pages (vm.nr_hugepages): {e}"));
                 return;
             }
             Err(e) => panic!("mapping a hugetlb memfd: {e}"),

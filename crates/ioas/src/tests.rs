@@ -514,14 +514,21 @@ fn hw_queue_blocks_unmap_of_its_page_and_dependent_destroy() {
     assert_eq!(ictx.ioas_unmap(ioas, 0x10000, 0x1000), Ok(0x1000));
 }
 
+/// Huge-page tests skip with a reason when the host reserved none, and fail
+/// instead when `MEMVISOR_REQUIRE_HUGEPAGES=1` (CI reserves them).
+fn skip_or_fail(reason: &str) {
+    assert!(std::env::var_os("MEMVISOR_REQUIRE_HUGEPAGES").is_none_or(|v| v != "1"), "{reason}");
+    eprintln!("skipped: {reason}");
+}
+
 #[test]
 fn hw_queue_on_huge_page_is_contiguous_or_skips() {
     let Ok(memfd) = Memfd::create("q", 0x20_0000, HugePages::Size2M) else {
-        eprintln!("skipped: no hugetlb pages reserved");
+        skip_or_fail("no hugetlb pages reserved");
         return;
     };
     let Ok(map) = memfd.map(0, 0x20_0000) else {
-        eprintln!("skipped: hugetlb mapping failed");
+        skip_or_fail("hugetlb mapping failed");
         return;
     };
     let ram: Arc<dyn MappedRegion> = Arc::new(map);
