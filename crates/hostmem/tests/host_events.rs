@@ -145,6 +145,12 @@ fn madvise_returns_once_the_event_is_read_not_once_the_sinks_ran() {
 
     std::thread::spawn(move || done.send(raw_madvise(start, PAGE, libc::MADV_DONTNEED)).unwrap());
     let outcome = returned.recv_timeout(Duration::from_secs(10));
+    // The monitor reads the event (releasing madvise) before it calls the
+    // sink, so give it time to enter `start`, where the gate holds it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink.calls().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let seen_while_blocked = sink.calls();
     sink.open();
     monitor.sync().unwrap();
