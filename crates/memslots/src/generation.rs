@@ -1,20 +1,25 @@
 //! An immutable, published set of memslots (KVM's `struct kvm_memslots`
 //! generation) and its read-side indexes:
 //!
-//! - per address space, the slots in gfn order with a bucket table over the
-//!   gfn span (bucket `b` holds the index of the slot at or before its first
-//!   gfn), so gfn → slot is one bucket read plus a search among the few slots
-//!   of one bucket — O(1) for evenly spread slots, O(log n) at worst;
+//! - per address space, the slots in gfn order, stored in chunks (see
+//!   [`Chunked`]) that each carry a bucket table over their gfn span, plus a
+//!   bucket table over the chunks' spans: gfn → slot is two bucket reads
+//!   (one with a single chunk) plus a search among the few slots of a
+//!   bucket — O(1) for evenly spread slots, O(log n) at worst;
 //! - a VM-wide last-hit index (KVM's `slots->last_used_slot`) and a
 //!   per-reader one, [`LookupCache`] (KVM's `vcpu->last_used_slot`);
-//! - over all address spaces, slots sorted by host-virtual start with an
-//!   implicit interval tree (each subtree's largest end stored at its root),
-//!   for hva range → (slot, gfn range) in O(log n + k).
+//! - over all address spaces, slots sorted by host-virtual start in chunks
+//!   that record their largest end, for hva range → (slot, gfn range).
+//!
+//! Consecutive generations share every chunk an update did not touch, so
+//! publishing costs O(chunk size + number of chunks), not O(n).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use memvisor_types::{Address, Gfn, Gpa, Hva, PageSize};
 
+use crate::chunked::{Chunked, Item};
 use crate::slot::{FileId, GfnRange, Memslot, SlotGfnRange, SlotKey};
 
 const PAGE_SHIFT: u32 = PageSize::Size4K.shift();
@@ -108,6 +113,249 @@ impl Entry {
     }
 }
 
+/// A gfn range `base..end` that a bucket table can index.
+pub(crate) trait Ranged {
+    fn base(&self) -> u64;
+    fn end(&self) -> u64;
+}
+
+impl Ranged for Entry {
+    #[inline]
+    fn base(&self) -> u64 {
+        self.base
+    }
+
+    #[inline]
+    fn end(&self) -> u64 {
+        self.end
+    }
+}
+
+/// The gfns a chunk of entries spans (its first base to its last end).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Extent {
+    base: u64,
+    end: u64,
+}
+
+impl Ranged for Extent {
+    #[inline]
+    fn base(&self) -> u64 {
+        self.base
+    }
+
+    #[inline]
+    fn end(&self) -> u64 {
+        self.end
+    }
+}
+
+/// Entries are kept by base gfn; each chunk carries its read-side copy
+/// with its own bucket table, rebuilt only when that chunk changes.
+impl Item for Entry {
+    type Key = u64;
+    type Aux = Hot;
+
+    fn key(&self) -> u64 {
+        self.base
+    }
+
+    fn aux(items: &[Self]) -> Hot {
+        Hot { buckets: Buckets::new(items), entries: items.into() }
+    }
+
+    /// Same bases and ends: the bucket table still holds.
+    fn refresh(aux: &mut Hot, items: &[Self]) {
+        aux.entries = items.into();
+    }
+}
+
+/// A chunk of entries as lookups read it: the entries and their bucket
+/// table as shared slices, each one pointer away.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Hot {
+    buckets: Buckets,
+    entries: Arc<[Entry]>,
+}
+
+impl Hot {
+    #[inline]
+    fn search(&self, gfn: u64) -> Option<usize> {
+        self.buckets.search(&self.entries, gfn)
+    }
+}
+
+/// A bucket table over disjoint ranges sorted by base: bucket `b` covers
+/// gfns `min + (b << shift) ..`, and `table[b]` is the index of the last
+/// range whose base is at or below the bucket's first gfn (0 if none); one
+/// more than the bucket count, so `table[b]..=table[b + 1]` holds every
+/// candidate of bucket `b`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Buckets {
+    /// First gfn of bucket 0 (the lowest base).
+    min: u64,
+    shift: u32,
+    table: Arc<[u32]>,
+}
+
+impl Buckets {
+    /// `ranges` sorted by base, disjoint, none empty.
+    fn new<R: Ranged>(ranges: &[R]) -> Self {
+        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+            return Self::default();
+        };
+        let (min, span) = (first.base(), last.end() - first.base());
+        let count = (ranges.len() * 2).next_power_of_two().min(MAX_BUCKETS);
+        // The smallest shift with `count << shift >= span`.
+        let mut shift = 0;
+        while (span - 1) >> shift >= count as u64 {
+            shift += 1;
+        }
+        // Range `j` answers for the buckets whose first gfn lies in
+        // `base_j..base_(j+1)`: from `ceil((base_j - min) / width)` on.
+        let mut table: Vec<u32> = Vec::with_capacity(count + 1);
+        let first_bucket =
+            |base: u64| usize::try_from((base - min).div_ceil(1 << shift)).unwrap_or(usize::MAX);
+        for (j, pair) in ranges.windows(2).enumerate() {
+            let next = pair.get(1).map_or(count + 1, |e| first_bucket(e.base())).min(count + 1);
+            table.resize(next.max(table.len()), u32::try_from(j).unwrap_or(u32::MAX));
+        }
+        let last = u32::try_from(ranges.len() - 1).unwrap_or(u32::MAX);
+        table.resize(count + 1, last);
+        Self { min, shift, table: table.into() }
+    }
+
+    /// Index of the range of `ranges` (what the table was built from)
+    /// holding `gfn`.
+    #[inline]
+    fn search<R: Ranged>(&self, ranges: &[R], gfn: u64) -> Option<usize> {
+        // Below `min`, the difference wraps to a bucket far past the table.
+        let b = usize::try_from(gfn.wrapping_sub(self.min) >> self.shift).ok()?;
+        let lo = usize::try_from(*self.table.get(b)?).ok()?;
+        let hi = usize::try_from(*self.table.get(b.wrapping_add(1))?).ok()?;
+        let i = if lo == hi {
+            // The common case: one candidate for the whole bucket.
+            lo
+        } else {
+            lo + floor_index(ranges.get(lo..=hi)?, gfn)?
+        };
+        let r = ranges.get(i)?;
+        (r.base() <= gfn && gfn < r.end()).then_some(i)
+    }
+}
+
+/// The slots of one address space in gfn order: chunks of entries, each
+/// with its bucket table, and a bucket table over the chunks' extents. A
+/// lookup reads two bucket tables (one when there is a single chunk).
+#[derive(Debug)]
+#[repr(C)]
+struct GfnIndex {
+    /// Chunk 0's read side, held inline: with a single chunk (up to
+    /// [`MAX_CHUNK`](crate::chunked::MAX_CHUNK) slots) a lookup goes
+    /// straight to its bucket table.
+    first: Hot,
+    /// Whether there are several chunks (the top table is used).
+    multi: bool,
+    entries: Chunked<Entry>,
+    /// `extents[c]`: the gfns chunk `c` spans.
+    extents: Box<[Extent]>,
+    top: Buckets,
+    /// Position (`chunk << 16 | index`) of the entry that answered the last
+    /// shared lookup (a hint; any value is safe).
+    last_hit: AtomicUsize,
+}
+
+impl GfnIndex {
+    /// O(number of chunks).
+    fn new(entries: Chunked<Entry>) -> Self {
+        let first = entries.chunks.first().map(|c| c.aux.clone()).unwrap_or_default();
+        if entries.chunks.len() <= 1 {
+            let (extents, top) = (Box::default(), Buckets::default());
+            return Self { first, multi: false, entries, extents, top, last_hit: AtomicUsize::new(0) };
+        }
+        let extents: Box<[Extent]> = entries
+            .chunks
+            .iter()
+            .map(|c| Extent {
+                base: c.items.first().map_or(0, |e| e.base),
+                end: c.items.last().map_or(0, |e| e.end),
+            })
+            .collect();
+        let top = Buckets::new(&extents);
+        Self { first, multi: true, entries, extents, top, last_hit: AtomicUsize::new(0) }
+    }
+
+    /// Position (`chunk << 16 | index`) and entry mapping `gfn`, by the
+    /// bucket tables.
+    #[inline]
+    fn search(&self, gfn: u64) -> Option<(usize, &Entry)> {
+        if !self.multi {
+            let i = self.first.search(gfn)?;
+            return Some((i, self.first.entries.get(i)?));
+        }
+        let c = self.top.search(&self.extents, gfn)?;
+        let hot = &self.entries.chunks.get(c)?.aux;
+        let i = hot.search(gfn)?;
+        Some(((c << 16) | i, hot.entries.get(i)?))
+    }
+
+    /// The entry at position `pos` (see [`search`](Self::search)).
+    #[inline]
+    fn at(&self, pos: usize) -> Option<&Entry> {
+        if !self.multi {
+            self.first.entries.get(pos)
+        } else {
+            self.entries.chunks.get(pos >> 16)?.aux.entries.get(pos & 0xffff)
+        }
+    }
+
+    /// The entry mapping `gfn`, trying the VM-wide last hit first.
+    #[inline]
+    fn find(&self, gfn: u64) -> Option<&Entry> {
+        let hint = self.last_hit.load(Ordering::Relaxed);
+        if let Some(e) = self.at(hint)
+            && e.contains(gfn)
+        {
+            return Some(e);
+        }
+        let (pos, e) = self.search(gfn)?;
+        self.last_hit.store(pos, Ordering::Relaxed);
+        Some(e)
+    }
+
+    /// Entries overlapping `range`, in gfn order.
+    fn overlapping(&self, range: GfnRange) -> impl Iterator<Item = &Entry> {
+        let (start, end) = (range.start().as_u64(), range.end().as_u64());
+        self.entries
+            .chunks
+            .iter()
+            .filter(move |c| {
+                c.items.first().is_some_and(|e| e.base < end) && c.items.last().is_some_and(|e| e.end > start)
+            })
+            .flat_map(move |c| c.items.iter().filter(move |e| e.end > start && e.base < end))
+    }
+}
+
+/// The largest `i` with `ranges[i].base() <= x` (`ranges` sorted by base),
+/// by a binary search whose only data-dependent step is a conditional move.
+#[inline]
+fn floor_index<R: Ranged>(ranges: &[R], x: u64) -> Option<usize> {
+    let mut base = 0usize;
+    let mut size = ranges.len();
+    if size == 0 {
+        return None;
+    }
+    while size > 1 {
+        let half = size / 2;
+        let mid = base + half;
+        // `mid < base + size <= ranges.len()`.
+        let below = ranges.get(mid).is_some_and(|e| e.base() <= x);
+        base = if below { mid } else { base };
+        size -= half;
+    }
+    ranges.get(base).is_some_and(|e| e.base() <= x).then_some(base)
+}
+
 /// A slot's host-virtual range, in the hva index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Span {
@@ -123,242 +371,111 @@ impl Span {
     }
 }
 
-/// The slots of one address space in gfn order, with the bucket table.
-#[derive(Debug)]
-struct GfnIndex {
-    entries: Box<[Entry]>,
-    /// First gfn of bucket 0 (the lowest base).
-    min: u64,
-    /// Bucket `b` covers gfns `min + (b << shift) ..`.
-    shift: u32,
-    /// `buckets[b]`: index of the last entry whose base is at or below the
-    /// first gfn of bucket `b` (0 if none); one more than the bucket count,
-    /// so `buckets[b]..=buckets[b + 1]` holds every candidate of bucket `b`.
-    buckets: Box<[u32]>,
-    /// Index of the entry that answered the last shared lookup (a hint; any value is safe).
-    last_hit: AtomicUsize,
-}
+/// Spans are kept sorted; each chunk records the largest end among its
+/// spans, so a query skips chunks that end before it.
+impl Item for Span {
+    type Key = Span;
+    type Aux = u64;
 
-impl GfnIndex {
-    /// `entries` sorted by base, disjoint.
-    fn new(entries: Box<[Entry]>) -> Self {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Self { entries, min: 0, shift: 0, buckets: Box::new([]), last_hit: AtomicUsize::new(0) };
-        };
-        let (min, span) = (first.base, last.end - first.base);
-        let count = (entries.len() * 2).next_power_of_two().min(MAX_BUCKETS);
-        // The smallest shift with `count << shift >= span`.
-        let mut shift = 0;
-        while (span - 1) >> shift >= count as u64 {
-            shift += 1;
-        }
-        // Entry `j` answers for the buckets whose first gfn lies in
-        // `base_j..base_(j+1)`: from `ceil((base_j - min) / width)` on.
-        let mut buckets: Vec<u32> = Vec::with_capacity(count + 1);
-        let first_bucket =
-            |base: u64| usize::try_from((base - min).div_ceil(1 << shift)).unwrap_or(usize::MAX);
-        for (j, pair) in entries.windows(2).enumerate() {
-            let next = pair.get(1).map_or(count + 1, |e| first_bucket(e.base)).min(count + 1);
-            // At most 32767 entries per address space.
-            buckets.resize(next.max(buckets.len()), u32::try_from(j).unwrap_or(u32::MAX));
-        }
-        let last = u32::try_from(entries.len() - 1).unwrap_or(u32::MAX);
-        buckets.resize(count + 1, last);
-        Self { entries, min, shift, buckets: buckets.into_boxed_slice(), last_hit: AtomicUsize::new(0) }
+    fn key(&self) -> Span {
+        *self
     }
 
-    /// Index of the entry mapping `gfn`, by the bucket table.
-    #[inline]
-    fn search(&self, gfn: u64) -> Option<usize> {
-        // Below `min`, the difference wraps to a bucket far past the table.
-        let b = usize::try_from(gfn.wrapping_sub(self.min) >> self.shift).ok()?;
-        let lo = usize::try_from(*self.buckets.get(b)?).ok()?;
-        let hi = usize::try_from(*self.buckets.get(b.wrapping_add(1))?).ok()?;
-        let i = if lo == hi {
-            // The common case: one candidate for the whole bucket.
-            lo
-        } else {
-            lo + floor_index(self.entries.get(lo..=hi)?, gfn)?
-        };
-        self.entries.get(i).filter(|e| e.contains(gfn)).map(|_| i)
-    }
-
-    /// The entry mapping `gfn`, trying the VM-wide last hit first.
-    #[inline]
-    fn find(&self, gfn: u64) -> Option<&Entry> {
-        let hint = self.last_hit.load(Ordering::Relaxed);
-        if let Some(e) = self.entries.get(hint)
-            && e.contains(gfn)
-        {
-            return Some(e);
-        }
-        let i = self.search(gfn)?;
-        self.last_hit.store(i, Ordering::Relaxed);
-        self.entries.get(i)
-    }
-
-    /// Entries overlapping `range`, in gfn order.
-    fn overlapping(&self, range: GfnRange) -> impl Iterator<Item = &Entry> {
-        let (start, end) = (range.start().as_u64(), range.end().as_u64());
-        let first = match floor_index(&self.entries, start) {
-            Some(i) if self.entries.get(i).is_some_and(|e| e.end > start) => i,
-            Some(i) => i + 1,
-            None => 0,
-        };
-        self.entries.get(first..).unwrap_or(&[]).iter().take_while(move |e| e.base < end)
+    fn aux(items: &[Self]) -> u64 {
+        items.iter().map(|s| s.end).max().unwrap_or(0)
     }
 }
 
-/// The largest `i` with `entries[i].base <= x` (`entries` sorted by base),
-/// by a binary search whose only data-dependent step is a conditional move.
-#[inline]
-fn floor_index(entries: &[Entry], x: u64) -> Option<usize> {
-    let mut base = 0usize;
-    let mut size = entries.len();
-    if size == 0 {
-        return None;
+/// Slots are kept by key.
+impl Item for Memslot {
+    type Key = SlotKey;
+    type Aux = ();
+
+    fn key(&self) -> SlotKey {
+        self.key
     }
-    while size > 1 {
-        let half = size / 2;
-        let mid = base + half;
-        // `mid < base + size <= entries.len()`.
-        let below = entries.get(mid).is_some_and(|e| e.base <= x);
-        base = if below { mid } else { base };
-        size -= half;
-    }
-    entries.get(base).is_some_and(|e| e.base <= x).then_some(base)
+
+    fn aux(_: &[Self]) {}
 }
 
-/// All slots by host-virtual start, as an implicit interval tree over the
-/// sorted array: node `i` sits at level `k` = the number of trailing one
-/// bits of `i`; its children are `i ∓ 2^(k-1)`, and its subtree covers
-/// `i - (2^k - 1) ..= i + (2^k - 1)`. The array is padded to `2^(K+1) - 1`
-/// nodes with empty spans so every node exists; `sub_max[i]` is the largest
-/// end in node `i`'s subtree. Built bottom-up in O(n); a query visits
-/// O(log n + k) nodes.
+/// All slots by host-virtual start, in chunks that know their largest end.
+/// A query scans the chunk directory (O(n / chunk)) and the spans of the
+/// chunks that may overlap.
 #[derive(Debug, Default)]
 struct HvaIndex {
-    spans: Box<[Span]>,
-    sub_max: Box<[u64]>,
-    /// The root's level `K` (the root is node `2^K - 1`).
-    levels: u32,
+    spans: Chunked<Span>,
 }
 
-/// Padding: starts after everything, ends before everything.
-const NO_SPAN: Span = Span { start: u64::MAX, end: 0, key: SlotKey { as_id: u16::MAX, id: u16::MAX } };
-
 impl HvaIndex {
-    /// `spans` sorted by start.
-    fn new(spans: Box<[Span]>) -> Self {
-        let n = spans.len();
-        if n == 0 {
-            return Self::default();
-        }
-        let levels = n.ilog2();
-        let size = (2usize << levels) - 1;
-        let mut padded = spans.into_vec();
-        padded.resize(size, NO_SPAN);
-        let mut sub_max: Vec<u64> = padded.iter().map(|s| s.end).collect();
-        for k in 1..=levels {
-            let half = 1usize << (k - 1);
-            for i in ((2 * half - 1)..size).step_by(4 * half) {
-                let children = sub_max
-                    .get(i - half)
-                    .copied()
-                    .unwrap_or(0)
-                    .max(sub_max.get(i + half).copied().unwrap_or(0));
-                if let Some(m) = sub_max.get_mut(i) {
-                    *m = (*m).max(children);
-                }
-            }
-        }
-        Self { spans: padded.into_boxed_slice(), sub_max: sub_max.into_boxed_slice(), levels }
-    }
-
-    /// The real spans (without padding).
-    fn real_spans(&self) -> impl Iterator<Item = &Span> {
-        self.spans.iter().take_while(|s| **s != NO_SPAN)
-    }
-
     /// Calls `f(key)` for every span overlapping `start..end`, in start order.
     fn for_each_overlap(&self, start: u64, end: u64, f: &mut impl FnMut(SlotKey)) {
-        if !self.spans.is_empty() {
-            self.visit((1 << self.levels) - 1, self.levels, start, end, f);
-        }
-    }
-
-    fn visit(&self, i: usize, k: u32, start: u64, end: u64, f: &mut impl FnMut(SlotKey)) {
-        // Nothing in this subtree ends after `start`.
-        if self.sub_max.get(i).is_none_or(|&m| m <= start) {
-            return;
-        }
-        let half = if k > 0 { 1usize << (k - 1) } else { 0 };
-        if k > 0 {
-            self.visit(i - half, k - 1, start, end, f);
-        }
-        let Some(span) = self.spans.get(i) else { return };
-        // This node and its right subtree start at or after `end`.
-        if span.start >= end {
-            return;
-        }
-        if span.end > start {
-            f(span.key);
-        }
-        if k > 0 {
-            self.visit(i + half, k - 1, start, end, f);
+        for chunk in &self.spans.chunks {
+            let Some(first) = chunk.items.first() else { continue };
+            if first.start >= end {
+                return;
+            }
+            if chunk.aux <= start {
+                continue;
+            }
+            for span in &chunk.items {
+                if span.start >= end {
+                    return;
+                }
+                if span.end > start {
+                    f(span.key);
+                }
+            }
         }
     }
 }
 
 /// One published set of memslots. Immutable: an update publishes a new
 /// generation, and readers holding this one keep a consistent view.
+/// Generations share the chunks nothing changed between them.
 #[derive(Debug)]
 pub struct Generation {
     /// Process-wide identity (for [`LookupCache`]).
     id: u64,
     number: u64,
     /// Every slot, by key.
-    slots: Box<[Memslot]>,
+    slots: Chunked<Memslot>,
     spaces: Box<[GfnIndex]>,
     hva: HvaIndex,
 }
 
 impl Generation {
-    /// Builds a generation from the writer's indexes: `slots` sorted by
-    /// key, per address space the entries sorted by base, and the spans
-    /// sorted by start. Linear: two passes over the data (bucket tables and
-    /// the interval tree) besides the copies.
+    /// Builds a generation from (copies of) the writer's chunked tables:
+    /// the slots by key, per address space the entries by base, and the
+    /// spans. O(number of chunks): only the chunk bucket tables are built.
     pub(crate) fn build(
         number: u64,
-        slots: Box<[Memslot]>,
-        spaces: Vec<Box<[Entry]>>,
-        spans: Box<[Span]>,
+        slots: Chunked<Memslot>,
+        spaces: Vec<Chunked<Entry>>,
+        spans: Chunked<Span>,
     ) -> Self {
         let spaces = spaces.into_iter().map(GfnIndex::new).collect();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        Self { id, number, slots, spaces, hva: HvaIndex::new(spans) }
+        Self { id, number, slots, spaces, hva: HvaIndex { spans } }
     }
 
-    /// A copy numbered `number` in which the slots `keys` (sorted) are replaced by
-    /// their invalid copies (KVM's `KVM_MEMSLOT_INVALID`).
+    /// A copy numbered `number` in which the slots `keys` are replaced by
+    /// their invalid copies (KVM's `KVM_MEMSLOT_INVALID`). Clones only the
+    /// chunks holding those slots.
     pub(crate) fn with_invalid(&self, number: u64, keys: &[SlotKey]) -> Self {
-        let hit = |key: SlotKey| keys.binary_search(&key).is_ok();
-        let slots =
-            self.slots.iter().map(|s| Memslot { invalid: s.invalid || hit(s.key()), ..s.clone() }).collect();
-        let spaces = self
-            .spaces
-            .iter()
-            .enumerate()
-            .map(|(as_id, space)| {
-                let as_id = u16::try_from(as_id).unwrap_or(u16::MAX);
-                space
-                    .entries
-                    .iter()
-                    .map(|e| Entry { invalid: e.invalid || hit(SlotKey { as_id, id: e.id }), ..*e })
-                    .collect()
-            })
-            .collect();
-        Self::build(number, slots, spaces, self.hva.real_spans().copied().collect())
+        let mut slots = self.slots.clone();
+        let mut spaces: Vec<Chunked<Entry>> = self.spaces.iter().map(|s| s.entries.clone()).collect();
+        for key in keys {
+            let Some(base) = slots.update(key, |s| {
+                s.invalid = true;
+                s.base_gfn().as_u64()
+            }) else {
+                continue;
+            };
+            if let Some(space) = spaces.get_mut(usize::from(key.as_id)) {
+                space.update(&base, |e| e.invalid = true);
+            }
+        }
+        Self::build(number, slots, spaces, self.hva.spans.clone())
     }
 
     /// The generation number (every publication increments it).
@@ -373,7 +490,7 @@ impl Generation {
 
     /// Whether there is no slot.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.len() == 0
     }
 
     /// Every slot, ordered by (address space, id).
@@ -383,8 +500,7 @@ impl Generation {
 
     /// The slot with `key`.
     pub fn slot(&self, key: SlotKey) -> Option<&Memslot> {
-        let i = self.slots.binary_search_by_key(&key, |s| s.key()).ok()?;
-        self.slots.get(i)
+        self.slots.get(&key)
     }
 
     fn slot_of(&self, as_id: u16, e: &Entry) -> Option<&Memslot> {
@@ -405,7 +521,7 @@ impl Generation {
     }
 
     /// The host-virtual address of `gpa` in address space `as_id` (using
-    /// the VM-wide last-hit slot, then the bucket table).
+    /// the VM-wide last-hit slot, then the bucket tables).
     #[inline]
     pub fn gpa_to_hva(&self, as_id: u16, gpa: Gpa) -> Result<Hva, Miss> {
         let space = self.spaces.get(usize::from(as_id)).ok_or(Miss::NoSlot)?;
@@ -428,14 +544,13 @@ impl Generation {
             return Ok(Hva::new(gpa.raw().wrapping_add(cache.delta)));
         }
         let space = self.spaces.get(usize::from(as_id)).ok_or(Miss::NoSlot)?;
-        let e = space.search(gfn).and_then(|i| space.entries.get(i)).ok_or(Miss::NoSlot)?;
+        let (_, e) = space.search(gfn).ok_or(Miss::NoSlot)?;
         if e.invalid {
             return Err(Miss::Invalid);
         }
         *cache = LookupCache { tag, base: e.base, npages: e.end - e.base, delta: e.delta };
         Ok(Hva::new(gpa.raw().wrapping_add(e.delta)))
     }
-
     /// The host-virtual address of `gfn`'s first byte in address space `as_id`.
     pub fn gfn_to_hva(&self, as_id: u16, gfn: Gfn) -> Result<Hva, Miss> {
         let gpa = gfn.checked_addr().ok_or(Miss::NoSlot)?;
@@ -519,7 +634,7 @@ mod tests {
 
     #[test]
     fn floor_index_of_no_entries_is_none() {
-        assert_eq!(floor_index(&[], 7), None);
+        assert_eq!(floor_index::<Entry>(&[], 7), None);
     }
 
     #[test]
@@ -527,12 +642,13 @@ mod tests {
         // Arrange: 100 one-page slots at gfns 0..200 step 2, and one at 2^39.
         let mut spans: Vec<(u64, u64)> = (0..100).map(|i| (2 * i, 2 * i + 1)).collect();
         spans.push((1 << 39, (1 << 39) + 4));
-        let index = GfnIndex::new(entries(&spans).into_boxed_slice());
+        let e = entries(&spans);
+        let buckets = Buckets::new(&e);
 
         // Act
         let hits: Vec<Option<usize>> = [0, 1, 198, 199, 200, 1 << 39, (1 << 39) + 3, (1 << 39) + 4, u64::MAX]
             .iter()
-            .map(|&g| index.search(g))
+            .map(|&g| buckets.search(&e, g))
             .collect();
 
         // Assert
@@ -540,11 +656,14 @@ mod tests {
     }
 
     #[test]
-    fn hva_tree_reports_nested_and_disjoint_spans() {
+    fn hva_index_reports_nested_and_disjoint_spans() {
         // Arrange: one long span covering two short ones, and a disjoint one.
         let span = |start, end, id| Span { start, end, key: SlotKey { as_id: 0, id } };
-        let index =
-            HvaIndex::new(Box::new([span(0, 100, 0), span(10, 20, 1), span(30, 40, 2), span(200, 300, 3)]));
+        let index = HvaIndex {
+            spans: [span(0, 100, 0), span(10, 20, 1), span(30, 40, 2), span(200, 300, 3)]
+                .into_iter()
+                .collect(),
+        };
         let mut hits = Vec::new();
 
         // Act
@@ -561,8 +680,9 @@ mod tests {
     }
 
     #[test]
-    fn bucket_search_matches_a_scan_for_thousands_of_uneven_slots() {
-        // Arrange: 3000 disjoint slots with gaps from 0 to ~2^20 pages.
+    fn chunked_gfn_index_matches_a_scan_for_thousands_of_uneven_slots() {
+        // Arrange: 3000 disjoint slots with gaps from 0 to ~2^20 pages
+        // (several chunks), inserted in random order.
         let mut state = 7;
         let mut spans = Vec::new();
         let mut next = 0u64;
@@ -577,29 +697,42 @@ mod tests {
             spans.push((next + gap, next + gap + len));
             next += gap + len;
         }
-        let index = GfnIndex::new(entries(&spans).into_boxed_slice());
+        let mut shuffled = entries(&spans);
+        for i in (1..shuffled.len()).rev() {
+            let j = usize::try_from(lcg(&mut state)).unwrap_or(0) % (i + 1);
+            shuffled.swap(i, j);
+        }
+        let index = GfnIndex::new(shuffled.into_iter().collect());
+        assert!(index.entries.chunks.len() > 4);
 
         // Act + Assert
         for _ in 0..20_000 {
             let gfn = lcg(&mut state) % (next + 10);
-            let naive = spans.iter().position(|&(b, e)| b <= gfn && gfn < e);
-            assert_eq!(index.search(gfn), naive, "gfn {gfn:#x}");
+            let naive = spans.iter().find(|&&(b, e)| b <= gfn && gfn < e).map(|&(b, _)| b);
+            assert_eq!(index.search(gfn).map(|(_, e)| e.base), naive, "gfn {gfn:#x}");
+            assert_eq!(index.find(gfn).map(|e| e.base), naive, "gfn {gfn:#x}");
+            let end = gfn + lcg(&mut state) % 100_000;
+            let Some(range) = GfnRange::new(Gfn::new(gfn), Gfn::new(end)) else { continue };
+            let got: Vec<u64> = index.overlapping(range).map(|e| e.base).collect();
+            let want: Vec<u64> =
+                spans.iter().filter(|&&(b, e)| b < end && gfn < e).map(|&(b, _)| b).collect();
+            assert_eq!(got, want, "{gfn:#x}..{end:#x}");
         }
     }
 
     #[test]
-    fn hva_tree_matches_a_scan_for_a_thousand_aliasing_spans() {
-        // Arrange: 1000 spans, often overlapping, some very long.
+    fn hva_index_matches_a_scan_for_thousands_of_aliasing_spans() {
+        // Arrange: 3000 spans, often overlapping, some very long.
         let mut state = 11;
-        let mut spans: Vec<Span> = (0..1000u16)
+        let mut spans: Vec<Span> = (0..3000u16)
             .map(|id| {
                 let start = lcg(&mut state) % 100_000;
                 let len = if id % 97 == 0 { 50_000 } else { 1 + lcg(&mut state) % 300 };
                 Span { start, end: start + len, key: SlotKey { as_id: 0, id } }
             })
             .collect();
+        let index = HvaIndex { spans: spans.iter().copied().collect() };
         spans.sort_unstable();
-        let index = HvaIndex::new(spans.clone().into_boxed_slice());
 
         // Act + Assert
         for _ in 0..2000 {

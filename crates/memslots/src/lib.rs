@@ -51,6 +51,7 @@
 #![warn(missing_docs)]
 
 mod attributes;
+mod chunked;
 mod error;
 mod files;
 mod generation;

@@ -259,3 +259,80 @@ fn batch_applies_in_order_and_publishes_once() {
     assert_eq!(zapped.get(), 1);
     assert_eq!(s.snapshot().len(), 1);
 }
+
+#[test]
+fn thousands_of_slots_in_many_chunks_match_a_model_across_generations() {
+    // Arrange: 3000 one-to-four-page slots (several chunks of every table),
+    // then random moves, deletes and re-creates.
+    let mut s = crate::Memslots::new(crate::VmId(1));
+    let mut state = 3u64;
+    let mut rand = move |m: u64| {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % m
+    };
+    // Slot i lives at gfn 8 * place + 0x1000 with `len` pages; hva follows the id.
+    let mut model: Vec<Option<(u64, u64)>> = vec![None; 3000];
+    let request = |id: u64, place: u64, len: u64| {
+        let id32 = u32::try_from(id).unwrap();
+        MemslotRequest::new(id32, Gpa::new((0x1000 + 8 * place) << 12), len << 12, Hva::new(HVA + (id << 24)))
+    };
+    let creates: Vec<MemslotRequest> = (0..3000).map(|id| request(id, id, 1 + id % 4)).collect();
+    for r in s.apply_batch(&creates, &Files, |_| {}) {
+        r.unwrap();
+    }
+    for (id, m) in model.iter_mut().enumerate() {
+        let id = u64::try_from(id).unwrap();
+        *m = Some((0x1000 + 8 * id, 1 + id % 4));
+    }
+    let check = |snap: &crate::Generation, model: &[Option<(u64, u64)>]| {
+        assert_eq!(snap.len(), model.iter().flatten().count());
+        for (id, m) in model.iter().enumerate() {
+            let key = SlotKey { as_id: 0, id: u16::try_from(id).unwrap() };
+            assert_eq!(snap.slot(key).map(|s| (s.base_gfn().as_u64(), s.npages())), *m);
+            let Some((base, len)) = *m else { continue };
+            let hva = HVA + (u64::try_from(id).unwrap() << 24) + ((len - 1) << 12) + 5;
+            assert_eq!(snap.gpa_to_hva(0, Gpa::new(((base + len - 1) << 12) + 5)), Ok(Hva::new(hva)));
+            assert_eq!(snap.lookup(0, Gfn::new(base + len)), Lookup::None);
+            let (lo, hi) = snap.slot(key).unwrap().hva_range();
+            assert_eq!(snap.hva_to_gfn_ranges(lo, hi).len(), 1);
+        }
+    };
+    let reader = s.reader();
+    check(&reader.snapshot(), &model);
+
+    // Act + Assert
+    for round in 0..600 {
+        let before = reader.load_full();
+        let old_model = model.clone();
+        let id = rand(3000);
+        let req = match model[usize::try_from(id).unwrap()] {
+            Some(_) if round % 2 == 0 => MemslotRequest::delete(u32::try_from(id).unwrap()),
+            // A move between the slot's two places (`id` and `3000 + id`).
+            Some((base, len)) => request(id, if base == 0x1000 + 8 * id { 3000 + id } else { id }, len),
+            None => request(id, id, 1 + id % 4),
+        };
+        let saw_invalid = Cell::new(false);
+        s.apply_with(&req, &Files, |old| {
+            saw_invalid
+                .set(reader.snapshot().lookup(0, old.base_gfn()).slot().is_some_and(|x| x.is_invalid()));
+        })
+        .unwrap();
+        let m = &mut model[usize::try_from(id).unwrap()];
+        let was = *m;
+        *m = match (was, req.memory_size) {
+            (Some(_), 0) => None,
+            (Some((base, len)), _) => {
+                let place = if base == 0x1000 + 8 * id { 3000 + id } else { id };
+                Some((0x1000 + 8 * place, len))
+            }
+            (None, _) => Some((0x1000 + 8 * id, 1 + id % 4)),
+        };
+        assert_eq!(saw_invalid.get(), was.is_some());
+        // The generation loaded before the update is untouched.
+        if round % 50 == 0 {
+            check(&before, &old_model);
+            check(&reader.snapshot(), &model);
+        }
+    }
+    check(&reader.snapshot(), &model);
+}
