@@ -53,6 +53,21 @@ impl Stopwatch {
         result
     }
 
+    /// Times `passes` passes of `op` over every item, XOR-folding the results
+    /// so the work cannot be optimised away; one item is one operation.
+    pub(crate) fn time_passes<T>(&mut self, passes: u64, items: &[T], mut op: impl FnMut(&T) -> u64) -> u64 {
+        let ops = passes.saturating_mul(items.len() as u64);
+        self.time(ops, || {
+            let mut acc = 0u64;
+            for _ in 0..passes {
+                for item in items {
+                    acc ^= op(item);
+                }
+            }
+            acc
+        })
+    }
+
     /// Nanoseconds per operation of what was timed.
     fn ns_per_op(&self) -> Result<f64> {
         ensure!(self.ops > 0, "a benchmark side timed no operation");

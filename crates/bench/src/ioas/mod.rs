@@ -432,32 +432,19 @@ fn iotlb_hit(plan: &Plan, passes: u64, out: &mut Reporter) -> Result<()> {
     }
     ensure!(ictx.iotlb_entries() >= inputs.len(), "memvisor's IOTLB holds fewer entries than pages");
 
-    let ops = u64::try_from(inputs.len())? * passes;
     let m = compare(
         plan,
         |sw: &mut Stopwatch| {
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for &a in &inputs {
-                        let r = ictx.translate(dev, 0, black_box(a), LEN, DmaAccess::Read);
-                        acc ^= r.ok().and_then(|s| s.first().map(|s| s.hva.raw())).unwrap_or(0);
-                    }
-                }
-                acc
+            sw.time_passes(passes, &inputs, |&a| {
+                let r = ictx.translate(dev, 0, black_box(a), LEN, DmaAccess::Read);
+                r.ok().and_then(|s| s.first().map(|s| s.hva.raw())).unwrap_or(0)
             });
             Ok(())
         },
         |sw: &mut Stopwatch| {
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for &a in &inputs {
-                        let r = Iotlb::lookup(&iotlb, GuestAddress(black_box(a)), 64, Permissions::Read);
-                        acc ^= r.ok().and_then(|mut it| it.next()).map_or(0, |m| m.base.0);
-                    }
-                }
-                acc
+            sw.time_passes(passes, &inputs, |&a| {
+                let r = Iotlb::lookup(&iotlb, GuestAddress(black_box(a)), 64, Permissions::Read);
+                r.ok().and_then(|mut it| it.next()).map_or(0, |m| m.base.0)
             });
             Ok(())
         },

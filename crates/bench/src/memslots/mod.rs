@@ -101,33 +101,17 @@ fn lookup(plan: &Plan, passes: u64, n: u64, out: &mut Reporter) -> Result<()> {
         let theirs = peer_translate(&memory, gpa);
         ensure!(ours.is_some() && ours == theirs, "gpa {gpa:#x}: memvisor {ours:x?}, vm-memory {theirs:x?}");
     }
-    let ops = u64::try_from(inputs.len())? * passes;
     let m = compare(
         plan,
         |sw: &mut Stopwatch| {
             let mut cache = LookupCache::default();
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for &gpa in &inputs {
-                        acc ^=
-                            generation.gpa_to_hva_cached(&mut cache, 0, Gpa::new(gpa)).map_or(0, |h| h.raw());
-                    }
-                }
-                acc
+            sw.time_passes(passes, &inputs, |&gpa| {
+                generation.gpa_to_hva_cached(&mut cache, 0, Gpa::new(gpa)).map_or(0, |h| h.raw())
             });
             Ok(())
         },
         |sw: &mut Stopwatch| {
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for &gpa in &inputs {
-                        acc ^= peer_translate(&memory, gpa).unwrap_or(0);
-                    }
-                }
-                acc
-            });
+            sw.time_passes(passes, &inputs, |&gpa| peer_translate(&memory, gpa).unwrap_or(0));
             Ok(())
         },
     )?;

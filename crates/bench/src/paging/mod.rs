@@ -187,31 +187,16 @@ fn walks(plan: &Plan, passes: u64, spread: Spread, cached: bool, out: &mut Repor
         ensure!(got == Some(want), "x86_64 translated {va:?} to {got:x?}, memvisor to {want:#x}");
     }
 
-    let ops = u64::try_from(inputs.len())? * passes;
     let peer_walks = |sw: &mut Stopwatch| {
-        sw.time(ops, || {
-            let mut acc = 0u64;
-            for _ in 0..passes {
-                for va in &vas {
-                    acc ^= output(table.translate(*va)).unwrap_or(0);
-                }
-            }
-            acc
-        });
+        sw.time_passes(passes, &vas, |va| output(table.translate(*va)).unwrap_or(0));
         Ok(())
     };
 
     let m = compare(
         plan,
         |sw| {
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for &a in inputs {
-                        acc ^= walker.lookup(arena, root, Gva::new(a)).map_or(0, |t| t.addr.raw());
-                    }
-                }
-                acc
+            sw.time_passes(passes, inputs, |&a| {
+                walker.lookup(arena, root, Gva::new(a)).map_or(0, |t| t.addr.raw())
             });
             Ok(())
         },
@@ -220,16 +205,8 @@ fn walks(plan: &Plan, passes: u64, spread: Spread, cached: bool, out: &mut Repor
     out.emit(Record::timed(SUITE, format!("{prefix}/lookup"), PEER_TRANSLATE, m))?;
 
     let translate_walks = |sw: &mut Stopwatch| {
-        sw.time(ops, || {
-            let mut acc = 0u64;
-            for _ in 0..passes {
-                for &a in inputs {
-                    acc ^= walker
-                        .translate(arena, root, Gva::new(a), Access::read())
-                        .map_or(0, |t| t.addr.raw());
-                }
-            }
-            acc
+        sw.time_passes(passes, inputs, |&a| {
+            walker.translate(arena, root, Gva::new(a), Access::read()).map_or(0, |t| t.addr.raw())
         });
         Ok(())
     };
@@ -249,15 +226,8 @@ fn walks(plan: &Plan, passes: u64, spread: Spread, cached: bool, out: &mut Repor
     }
     let before = tlb.stats();
     let mut cached_walks = |sw: &mut Stopwatch| {
-        sw.time(ops, || {
-            let mut acc = 0u64;
-            for _ in 0..passes {
-                for &a in inputs {
-                    acc ^=
-                        tlb.translate(arena, root, Gva::new(a), Access::read()).map_or(0, |t| t.addr.raw());
-                }
-            }
-            acc
+        sw.time_passes(passes, inputs, |&a| {
+            tlb.translate(arena, root, Gva::new(a), Access::read()).map_or(0, |t| t.addr.raw())
         });
         Ok(())
     };
@@ -371,33 +341,16 @@ fn nested(plan: &Plan, passes: u64, out: &mut Reporter) -> Result<()> {
         ensure!(got == Some(want), "the x86_64 nested peer gave {got:x?} for {va:?}, memvisor {want:#x}");
     }
 
-    let ops = u64::try_from(inputs.len())? * passes;
     let m = compare(
         plan,
         |sw| {
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for &a in inputs {
-                        acc ^= prepared
-                            .translate(host, s2, s1, Gva::new(a), Access::read())
-                            .map_or(0, |t| t.addr.raw());
-                    }
-                }
-                acc
+            sw.time_passes(passes, inputs, |&a| {
+                prepared.translate(host, s2, s1, Gva::new(a), Access::read()).map_or(0, |t| t.addr.raw())
             });
             Ok(())
         },
         |sw| {
-            sw.time(ops, || {
-                let mut acc = 0u64;
-                for _ in 0..passes {
-                    for va in &vas {
-                        acc ^= peer.translate(*va).unwrap_or(0);
-                    }
-                }
-                acc
-            });
+            sw.time_passes(passes, &vas, |va| peer.translate(*va).unwrap_or(0));
             Ok(())
         },
     )?;
