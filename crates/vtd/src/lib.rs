@@ -348,3 +348,37 @@ impl Error {
 
 /// Results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the unit has latched about the guest's translation structures
+/// (GCMD.SRTP and GCMD.TE): the input of every table walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct RootState {
+    /// Latched root-table address (RTADDR 63:12).
+    pub rtaddr: u64,
+    /// Latched RTADDR.TTM selects scalable-mode tables.
+    pub scalable: bool,
+    /// GSTS.TES: DMA remapping enabled (otherwise DMA is untranslated).
+    pub enabled: bool,
+}
+
+/// Read access to the guest's structures for an [`Observer`], at the
+/// moment of the event.
+pub trait GuestTables {
+    /// The latched root state.
+    fn root(&self) -> RootState;
+    /// The scalable-mode PASID entry of `sid`/`pasid`: `Ok(None)` when
+    /// some level (root, context, PASID directory, entry) is not present,
+    /// `Err(reason)` when an entry is malformed (reserved bits, bad PGTT).
+    fn pasid_entry(&self, sid: SourceId, pasid: u32) -> Result<Option<tables::PasidEntry>, u8>;
+    /// RID_PASID of `sid`'s scalable-mode context entry (`Ok(None)` if not present).
+    fn rid_pasid(&self, sid: SourceId) -> Result<Option<u32>, u8>;
+}
+
+/// Told of every invalidation and global state change the unit processed,
+/// after its own caches were updated (host binding, seed 000).
+pub trait Observer: Send {
+    /// The guest requested `inv` (register-based or queued).
+    fn invalidated(&mut self, inv: &Invalidation, tables: &dyn GuestTables);
+    /// The guest changed global state through GCMD.
+    fn state_changed(&mut self, change: StateChange, tables: &dyn GuestTables);
+}
