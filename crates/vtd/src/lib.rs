@@ -30,6 +30,7 @@
 pub mod bind;
 pub mod cache;
 pub mod device;
+pub mod encode;
 pub mod fault;
 #[cfg(feature = "iommu")]
 pub mod iommu;

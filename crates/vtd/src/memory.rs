@@ -58,7 +58,7 @@ impl TestMemory {
         &self,
         gpa: Gpa,
         len: usize,
-        mut f: impl FnMut(u64, u32, u32) -> Result<(), MemoryError>,
+        mut f: impl FnMut(u64, usize, usize) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
         // Walk the 8-byte words the range touches: (word address, byte offset in word, bytes in word).
         let start = gpa.raw();
@@ -66,10 +66,12 @@ impl TestMemory {
         let mut at = start;
         while at < end {
             let word = at & !7;
-            let off = (at - word) as u32;
-            let n = (8 - u64::from(off)).min(end - at) as u32;
-            f(word, off, n)?;
-            at += u64::from(n);
+            // Both below 8: the offset inside one word and the bytes taken from it.
+            let off = at - word;
+            let n = (8 - off).min(end - at);
+            #[allow(clippy::cast_possible_truncation)] // both < 8
+            f(word, off as usize, n as usize)?;
+            at += n;
         }
         Ok(())
     }
@@ -98,7 +100,6 @@ impl GuestMemory for TestMemory {
         let mut pos = 0usize;
         self.bytes(gpa, buf.len(), |word, off, n| {
             let v = self.arena.read_entry(Gpa::new(word))?.to_le_bytes();
-            let (off, n) = (off as usize, n as usize);
             buf[pos..pos + n].copy_from_slice(&v[off..off + n]);
             pos += n;
             Ok(())
@@ -110,7 +111,6 @@ impl GuestMemory for TestMemory {
         self.bytes(gpa, buf.len(), |word, _, _| self.arena.read_entry(Gpa::new(word)).map(drop))?;
         let mut pos = 0usize;
         self.bytes(gpa, buf.len(), |word, off, n| {
-            let (off, n) = (off as usize, n as usize);
             // Read-modify-write of a partial word; a whole word is a plain store.
             loop {
                 let cur = self.arena.read_entry(Gpa::new(word))?;
@@ -188,7 +188,7 @@ mod tests {
         mem.read(Gpa::new(0x1ffb), &mut back).unwrap();
         // Assert
         assert_eq!(&back[..], &data[..]);
-        assert_eq!(mem.read_u64(Gpa::new(0x1ff8)).unwrap() >> 24, 0x0403_0201_00);
+        assert_eq!(mem.read_u64(Gpa::new(0x1ff8)).unwrap() >> 24, 0x0004_0302_0100);
     }
 
     #[test]
