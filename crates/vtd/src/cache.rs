@@ -239,8 +239,8 @@ const fn shift(level: u8) -> u32 {
 /// collide), offset by a hash of the tag and of the page's high bits.
 #[inline]
 fn slot_index(did: u16, pasid: u32, privileged: bool, level: u8, page: u64, mask: usize) -> usize {
-    // `mask` is 2^k - 1 with k <= 20.
-    let high = page >> (mask.count_ones() & 63);
+    // `mask` is 2^k - 1 (k <= 20): `high` is the page-number bits it does not select.
+    let high = page >> (usize::BITS - mask.leading_zeros());
     let tag =
         (u64::from(did) << 40) ^ (u64::from(pasid) << 8) ^ (u64::from(level) << 1) ^ u64::from(privileged);
     let h = (tag ^ high.rotate_left(23)).wrapping_mul(0x9e37_79b9_7f4a_7c15);

@@ -700,3 +700,102 @@ pub fn rid_pasid<M: GuestMemory + ?Sized>(
         Err(f) => Err(f.reason),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Mode};
+
+    fn entry(v0: u64, v1: u64, v2: u64) -> [u64; 8] {
+        [v0, v1, v2, 0, 0, 0, 0, 0]
+    }
+
+    #[test]
+    fn pasid_entry_fields_decode_from_their_bit_positions() {
+        // Arrange: P, FPD, AW 2, PGTT 3, SSADE, SSPTPTR; DID; SRE, ERE, FSPM 1, WPE, EAFE, FSPTPTR.
+        let raw = entry(
+            0x5000 | 1 | 2 | (2 << 2) | (3 << 6) | (1 << 9),
+            0x1234,
+            0x7000 | 1 | 2 | (1 << 2) | (1 << 4) | (1 << 7),
+        );
+        // Act
+        let e = decode_pasid_entry(&raw, false, &Support::PERMISSIVE).unwrap();
+        // Assert
+        assert_eq!((e.fpd, e.aw, e.pgtt, e.ssptptr, e.did), (true, 2, Pgtt::Nested, 0x5000, 0x1234));
+        assert_eq!(
+            (e.sre, e.ere, e.fspm, e.wpe, e.eafe, e.fsptptr, e.ssade),
+            (true, true, 1, true, true, 0x7000, true)
+        );
+        assert_eq!((e.ss_levels(), e.fs_levels()), (4, 5));
+    }
+
+    #[test]
+    fn pgtt_zero_and_five_to_seven_are_invalid() {
+        for pgtt in [0u64, 5, 6, 7] {
+            // Arrange
+            let raw = entry(1 | (2 << 2) | (pgtt << 6), 0, 0);
+            // Act
+            let r = decode_pasid_entry(&raw, false, &Support::PERMISSIVE);
+            // Assert
+            assert_eq!(r.map_err(|f| f.reason), Err(reason::PASID_TABLE_ENTRY_INV));
+        }
+    }
+
+    #[test]
+    fn not_present_pasid_entry_keeps_the_path_fpd() {
+        // Arrange
+        let raw = entry(0, 0, 0);
+        // Act
+        let r = decode_pasid_entry(&raw, true, &Support::PERMISSIVE);
+        // Assert
+        assert_eq!(r, Err(TableFault { reason: reason::PASID_ENTRY_P, fpd: true }));
+    }
+
+    #[test]
+    fn table_access_errors_are_not_qualified_and_permission_faults_are() {
+        // Arrange, Act, Assert
+        assert!(!reason::qualified(reason::ROOT_ENTRY_P));
+        assert!(!reason::qualified(reason::PASID_TABLE_ACCESS_ERR));
+        assert!(reason::qualified(reason::CONTEXT_ENTRY_P));
+        assert!(reason::qualified(reason::WRITE));
+        assert!(reason::qualified(reason::SM_WRITE));
+        assert!(!TableFault::new(reason::ROOT_TABLE_INV, true).fpd);
+    }
+
+    #[test]
+    fn support_follows_the_configuration() {
+        // Arrange
+        let c = Config {
+            mode: Mode::ScalableFirstStage,
+            address_width: 57,
+            pass_through: false,
+            ..Config::default()
+        };
+        // Act
+        let s = Support::of(&c);
+        // Assert
+        assert_eq!((s.first_stage, s.second_stage, s.nested, s.pass_through), (true, false, false, false));
+        assert_eq!((s.max_ss_levels, s.fs_5level, s.haw), (5, true, 46));
+        assert!(s.ss_levels_ok(3) && !s.ss_levels_ok(6) && !s.ss_levels_ok(2));
+    }
+
+    #[test]
+    fn pdts_bounds_the_pasids_a_directory_covers() {
+        // Arrange
+        let mut ctx = ScalableContext {
+            fpd: false,
+            dte: false,
+            paside: true,
+            pre: false,
+            pdts: 0,
+            pasid_dir: 0,
+            rid_pasid: 0,
+            raw: [0; 4],
+        };
+        // Act
+        let small = ctx.max_pasid();
+        ctx.pdts = 7;
+        // Assert
+        assert_eq!((small, ctx.max_pasid()), ((1 << 13) - 1, (1 << 20) - 1));
+    }
+}

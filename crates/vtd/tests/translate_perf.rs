@@ -35,11 +35,15 @@ fn iotlb_hit_path_timing() {
     let start = Instant::now();
     for i in 0..n {
         let addr = (i & 0x7) << 12;
-        sum = sum.wrapping_add(d.translate(&mem, &legacy_root(), &DmaRequest::read(DEV, addr)).unwrap().output);
+        sum =
+            sum.wrapping_add(d.translate(&mem, &legacy_root(), &DmaRequest::read(DEV, addr)).unwrap().output);
     }
     let hot = start.elapsed().as_nanos() as f64 / n as f64;
     // Assert
-    println!("IOTLB hit: {ns:.1} ns/translation over 4096 pages, {hot:.1} over 8 pages (sum {sum:#x}), stats {:?}", d.stats());
+    println!(
+        "IOTLB hit: {ns:.1} ns/translation over 4096 pages, {hot:.1} over 8 pages (sum {sum:#x}), stats {:?}",
+        d.stats()
+    );
     assert!(sum != 0);
 }
 

@@ -1,0 +1,11 @@
+//! Fuzz target: the VT-d model against arbitrary guest tables (see
+//! crates/vtd/tests/support/guest_input.rs). Run with
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run vtd_tables corpus/vtd_tables seeds/vtd_tables` from this directory.
+#![no_main]
+
+#[path = "../../crates/vtd/tests/support/guest_input.rs"]
+mod guest_input;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    guest_input::tables(data);
+});
