@@ -102,8 +102,13 @@ pub struct TranslationCache<F: Format> {
 #[inline]
 fn slot_index(root: u64, key: u64, len: usize) -> usize {
     let h = (key ^ root.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    // `len` is a power of two no larger than 2^20: the top bits fit any usize.
-    usize::try_from(h >> (64 - len.trailing_zeros())).unwrap_or(0) & (len - 1)
+    // `len` is a power of two no larger than 2^20: the top bits fit any
+    // usize. One slot takes no bits (a shift by 64 would overflow).
+    let bits = len.trailing_zeros();
+    if bits == 0 {
+        return 0;
+    }
+    usize::try_from(h >> (64 - bits)).unwrap_or(0) & (len - 1)
 }
 
 #[inline]
@@ -366,6 +371,26 @@ mod tests {
 
         // Assert
         assert_eq!(t.addr, Hpa::new(0x4010_0000));
+        assert_eq!(tlb.stats().hits, 1);
+    }
+
+    #[test]
+    fn single_slot_cache_translates_and_hits() {
+        // Arrange: one slot per page size and level (a shift by 64 once overflowed here).
+        let arena = Arena::new(Hpa::new(0), 16);
+        let mut m = Mapper::new(SecondStage::four_level(), &arena, arena.frame_allocator()).unwrap();
+        let r = AddrRange::from_len(Gpa::new(0x1000), 0x2000).unwrap();
+        m.map(r, Hpa::new(0x8000), SecondStageAttrs::rwx(), PageSize::Size4K).unwrap();
+        let mut tlb = TranslationCache::new(SecondStage::four_level(), 1, 1);
+        tlb.translate(&arena, m.root(), Gpa::new(0x1000), Access::read()).unwrap();
+
+        // Act
+        let again = tlb.translate(&arena, m.root(), Gpa::new(0x1008), Access::read()).unwrap();
+        let other = tlb.translate(&arena, m.root(), Gpa::new(0x2000), Access::read()).unwrap();
+
+        // Assert
+        assert_eq!(again.addr, Hpa::new(0x8008));
+        assert_eq!(other.addr, Hpa::new(0x9000));
         assert_eq!(tlb.stats().hits, 1);
     }
 }

@@ -10,7 +10,10 @@
 //!
 //! Results come from the caches ([`crate::cache`]) when they hold them and
 //! are dropped only by [`Dmar::invalidate`]: a guest that changes its
-//! tables without invalidating keeps seeing the old translation.
+//! tables without invalidating keeps seeing the old translation. First-stage
+//! and nested walks start from paging-structure caches
+//! ([`Dmar::set_paging_structure_caches`]); [`Dmar::last_table_reads`] tells
+//! how many guest-memory entries the last translation read.
 //!
 //! **Caching mode** ([`Config::caching_mode`]): with CM = 0 only valid
 //! entries and successful translations are cached. With CM = 1 the unit
@@ -150,6 +153,30 @@ fn overlaps_interrupt_range(base: u64, size: u64) -> bool {
 }
 
 /// The DMA-remapping half of a VT-d unit: translation and its caches.
+///
+/// ```
+/// use memvisor_vtd::translate::{DmaRequest, Dmar};
+/// use memvisor_vtd::{Config, RootState, SourceId, TestMemory};
+/// use memvisor_types::Gpa;
+///
+/// // Guest memory with a legacy root table at 0x1000 whose bus-0 entry points
+/// // at a context table at 0x2000; device 00:03.0 is pass-through in domain 7.
+/// let mem = TestMemory::new(Gpa::new(0), 16);
+/// let dev = SourceId::new(0, 3, 0);
+/// mem.write_u64(Gpa::new(0x1000), 0x2000 | 1)?;
+/// mem.write_u64(Gpa::new(0x2000 + 16 * u64::from(dev.devfn())), (2 << 2) | 1)?;
+/// mem.write_u64(Gpa::new(0x2008 + 16 * u64::from(dev.devfn())), (7 << 8) | 2)?;
+///
+/// let mut dmar = Dmar::new(&Config::default());
+/// let root = RootState { rtaddr: 0x1000, scalable: false, enabled: true };
+/// let t = dmar.translate(&mem, &root, &DmaRequest::write(dev, 0x1234_5678)).unwrap();
+/// assert_eq!((t.output, t.did), (0x1234_5678, 7));
+///
+/// // Another device has no context entry: a fault with reason 0x2.
+/// let f = dmar.translate(&mem, &root, &DmaRequest::read(SourceId::new(0, 4, 0), 0)).unwrap_err();
+/// assert_eq!(f.info.reason, memvisor_vtd::tables::reason::CONTEXT_ENTRY_P);
+/// # Ok::<(), memvisor_paging::MemoryError>(())
+/// ```
 #[derive(Debug)]
 pub struct Dmar {
     config: Config,
@@ -423,7 +450,10 @@ fn cacheable_pasid_fault(r: u8) -> bool {
 
 /// The 4K-aligned inclusive range of `2^am` pages at `addr`.
 fn inval_range(addr: u64, am: u8) -> (u64, u64) {
-    let shift = 12 + u32::from(am.min(52));
+    let shift = 12 + u32::from(am);
+    if shift >= 64 {
+        return (0, u64::MAX);
+    }
     let size = 1u64 << shift;
     let first = addr & !(size - 1);
     (first, first.saturating_add(size - 1))
@@ -527,6 +557,12 @@ impl Dmar {
             self.stats.context_cache_hits += 1;
             return Ok(t);
         }
+        if root.enabled
+            && root.scalable
+            && let Some(t) = self.scalable_fast_path(req)
+        {
+            return Ok(t);
+        }
         if !root.enabled {
             return Ok(IoTranslation { output: req.addr, page_size: 4096, read: true, write: true, did: 0 });
         }
@@ -556,6 +592,36 @@ impl Dmar {
         })
     }
 
+    /// The IOTLB hit of a scalable-mode request from the device and PASID
+    /// translated last (whose context and PASID entries are in the
+    /// one-entry fronts of their caches), after the same SRE/ERE checks as
+    /// the full path; `None` sends the request down the full path.
+    #[inline]
+    fn scalable_fast_path(&mut self, req: &DmaRequest) -> Option<IoTranslation> {
+        let (sid, ctx) = self.hot_scalable?;
+        if sid != req.sid.0 {
+            return None;
+        }
+        let (pasid, privileged) = match req.pasid {
+            Some(p) if ctx.paside => (p, req.privileged),
+            Some(_) => return None,
+            None => (ctx.rid_pasid, ctx.raw[1] & (1 << 20) != 0),
+        };
+        let (hot_sid, hot_pasid, pe) = self.hot_pasid?;
+        if hot_sid != sid || hot_pasid != pasid || pe.pgtt == Pgtt::PassThrough {
+            return None;
+        }
+        let fs = pe.pgtt.uses_first_stage();
+        if fs && ((privileged && !pe.sre) || (req.exec && !pe.ere)) {
+            return None;
+        }
+        let t = self.iotlb_hit(pe.did, pasid, fs && privileged, req)?;
+        self.stats.context_cache_hits += 1;
+        self.stats.pasid_cache_hits += 1;
+        Some(t)
+    }
+
+    #[inline]
     fn iotlb_hit(
         &mut self,
         did: u16,
@@ -1008,6 +1074,14 @@ impl Dmar {
         };
         self.iotlb.insert(e);
         Ok(IoTranslation { output: t.addr, page_size: size, read, write, did: pe.did })
+    }
+
+    /// Drops everything every cache holds (a reset, or what a unit with
+    /// CAP.ESRTPS does when the guest latches a new root table).
+    pub fn invalidate_all(&mut self) {
+        self.invalidate(&Invalidation::Context(ContextInval::Global));
+        self.invalidate(&Invalidation::PasidCache(PasidCacheInval::Global));
+        self.invalidate(&Invalidation::Iotlb(IotlbInval::Global));
     }
 
     /// Applies a guest invalidation to the caches, dropping exactly what

@@ -437,3 +437,72 @@ fn write_after_a_cached_read_rewalks_and_sets_the_dirty_flag() {
     assert_eq!(t.leaf & x86::D, x86::D);
     assert_eq!(d.stats().iotlb_misses, 2);
 }
+
+#[test]
+fn address_mask_beyond_the_address_space_invalidates_the_whole_domain() {
+    // Arrange
+    let mem = memory();
+    let _m = two_domains(&mem);
+    let mut d = legacy();
+    for sid in [DEV, DEV2] {
+        d.translate(&mem, &legacy_root(), &DmaRequest::read(sid, 0x1000)).unwrap();
+    }
+    // Act
+    d.invalidate(&page_inval(1, 0xffff_ffff_ffff_f000, 63));
+    // Assert
+    assert_eq!(d.cached_translations(), 1);
+}
+
+#[test]
+fn iotlb_page_invalidation_drops_every_nested_translation_of_the_domain() {
+    // Arrange: stage 2 maps guest table memory 1:1 and GPA 0x4000_0000 onwards.
+    let mem = memory();
+    let mut s2 = ss_mapper(&mem, 4);
+    map_ss(&mut s2, 0, MEM_SIZE, 0, rw(), PageSize::Size4K);
+    map_ss(&mut s2, 0x4000_0000, 0x2000, 0x9000_0000, rw(), PageSize::Size4K);
+    let mut s1 = fs_mapper(&mem, false);
+    map_fs(&mut s1, 0x1000, 0x2000, 0x4000_0000, X86Attrs::user_rwx(), PageSize::Size4K);
+    set_scalable_context(&mem, DEV, scalable_ctx(PASID_DIR, 0));
+    let pe = Pe { pgtt: 3, did: 1, ssptptr: s2.root().raw(), fsptptr: s1.root().raw(), ..Pe::default() };
+    set_pasid_entry(&mem, 3, pe.raw());
+    let mut d = nested_unit();
+    for addr in [0x1000, 0x2000] {
+        d.translate(&mem, &scalable_root(), &DmaRequest::read(DEV, addr).with_pasid(3)).unwrap();
+    }
+    // Act: the guest remaps GPA 0x4000_0000 in stage 2 and invalidates that GPA.
+    s2.unmap(AddrRange::from_len(Iova::new(0x4000_0000), 0x1000).unwrap()).unwrap();
+    d.invalidate(&page_inval(1, 0x4000_0000, 0));
+    let after = d.translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000).with_pasid(3));
+    // Assert
+    assert_eq!(after.unwrap_err().info.reason, reason::SM_READ);
+    assert_eq!(d.cached_translations(), 0);
+}
+
+#[test]
+fn invalidate_all_empties_every_cache() {
+    // Arrange
+    let mem = memory();
+    let _m = first_stage_setup(&mem);
+    let mut d = nested_unit();
+    d.translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000).with_pasid(3)).unwrap();
+    // Act
+    d.invalidate_all();
+    // Assert
+    assert_eq!((d.cached_contexts(), d.cached_pasids(), d.cached_translations()), (0, 0, 0));
+}
+
+#[test]
+fn cached_translation_does_not_let_a_privileged_request_bypass_sre() {
+    // Arrange: user reads warm every cache for PASID 3 (SRE clear).
+    let mem = memory();
+    let _m = first_stage_setup(&mem);
+    let mut d = nested_unit();
+    for _ in 0..3 {
+        d.translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000).with_pasid(3)).unwrap();
+    }
+    // Act
+    let f = d.translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000).with_pasid(3).privileged());
+    // Assert
+    assert_eq!(f.unwrap_err().info.reason, reason::PASID_ENTRY_SRE);
+    assert_eq!(d.stats().iotlb_hits, 2);
+}

@@ -568,3 +568,52 @@ fn second_stage_only_unit_rejects_second_stage_input_beyond_aw() {
     // Assert
     assert_eq!(f.info.reason, reason::SM_ADDR_BEYOND);
 }
+
+#[test]
+fn execute_request_without_ere_is_denied() {
+    // Arrange
+    let mem = memory();
+    let mut m = fs_mapper(&mem, false);
+    map_fs(&mut m, 0x1000, 0x1000, 0x5000, user_page(true), PageSize::Size4K);
+    setup(&mem, 1, Pe { pgtt: 1, fsptptr: m.root().raw(), ..Pe::default() });
+    let req = DmaRequest { exec: true, ..DmaRequest::read(DEV, 0x1000).with_pasid(1) };
+    // Act
+    let f = nested_unit().translate(&mem, &scalable_root(), &req).unwrap_err();
+    // Assert
+    assert_eq!(f.info.reason, reason::PASID_ENTRY_ERE);
+}
+
+#[test]
+fn request_without_pasid_is_a_user_request_unless_rid_priv_is_set() {
+    // Arrange: a supervisor-only page behind RID_PASID 0.
+    let mem = memory();
+    let mut m = fs_mapper(&mem, false);
+    map_fs(&mut m, 0x1000, 0x1000, 0x5000, X86Attrs::kernel_rwx(), PageSize::Size4K);
+    setup(&mem, 0, Pe { pgtt: 1, fsptptr: m.root().raw(), sre: true, ..Pe::default() });
+    let user = nested_unit().translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000)).unwrap_err();
+    let mut ctx = scalable_ctx(PASID_DIR, 0);
+    ctx[1] |= 1 << 20;
+    set_scalable_context(&mem, DEV, ctx);
+    // Act
+    let supervisor = nested_unit().translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000));
+    // Assert
+    assert_eq!(user.info.reason, reason::FS_PAGING_ENTRY_US);
+    assert_eq!(supervisor.unwrap().output, 0x5000);
+}
+
+#[test]
+fn nested_user_request_to_a_supervisor_page_faults_with_the_us_reason() {
+    // Arrange
+    let mem = memory();
+    let mut s2 = ss_mapper(&mem, 4);
+    map_ss(&mut s2, 0, MEM_SIZE, 0, rw(), PageSize::Size4K);
+    let mut s1 = fs_mapper(&mem, false);
+    map_fs(&mut s1, 0x1000, 0x1000, 0x5000, X86Attrs::kernel_rwx(), PageSize::Size4K);
+    setup(&mem, 2, Pe { pgtt: 3, ssptptr: s2.root().raw(), fsptptr: s1.root().raw(), ..Pe::default() });
+    // Act
+    let f = nested_unit()
+        .translate(&mem, &scalable_root(), &DmaRequest::read(DEV, 0x1000).with_pasid(2))
+        .unwrap_err();
+    // Assert
+    assert_eq!(f.info.reason, reason::FS_PAGING_ENTRY_US);
+}
