@@ -6,7 +6,8 @@
 //! | VM, memslots (`KVM_SET_USER_MEMORY_REGION2`, guest_memfd slots included) | [`Vm`], [`Memslot`], [`MemslotFlags`] |
 //! | guest_memfd: create, mmap, punch hole | [`GuestMemfd`] |
 //! | dirty bitmap, `MANUAL_DIRTY_LOG_PROTECT2` + `KVM_CLEAR_DIRTY_LOG`, dirty ring | [`DirtyBitmap`], [`Vm::enable_dirty_ring`], [`Vcpu::harvest_dirty_ring`], [`Vm::reset_dirty_rings`], [`Vcpu::take_dirty_ring_overflow`] |
-//! | vCPUs in 64-bit mode, run loop dispatching PIO/MMIO exits | [`Vcpu`], [`ExitHandler`], [`Stop`] |
+//! | vCPUs in 64-bit or 32-bit protected (multiboot) mode, run loop dispatching PIO/MMIO/IOAPIC-EOI exits | [`Vcpu`], [`ProtectedModeEntry`], [`ExitHandler`], [`Stop`] |
+//! | split irqchip (in-kernel local APICs), MSI injection, MSI routes (I/O APIC EOI exits) | [`Vm::enable_split_irqchip`], [`Vm::signal_msi`], [`Vm::set_msi_routes`] |
 //! | test guests: simple-instruction programs and identity page tables | [`guest`] |
 //! | skip-or-fail helper for tests that need `/dev/kvm` | [`testing::kvm_or_skip`] |
 //!
@@ -31,7 +32,11 @@
 //! - the dirty ring gets an entry per guest store rather than per page, and
 //!   the vCPU is not stopped at the ring's soft limit: the ring fills
 //!   completely and laps, losing entries — harvesting detects and recovers
-//!   from that and reports it ([`Vcpu::take_dirty_ring_overflow`]).
+//!   from that and reports it ([`Vcpu::take_dirty_ring_overflow`]);
+//! - with a split irqchip, the EOI exit of a routed level-triggered vector
+//!   (`KVM_EXIT_IOAPIC_EOI`) is taken at the vCPU's next exit to userspace,
+//!   not right after the guest's EOI: a guest that halts right after the
+//!   EOI with nothing else pending never produces it (`tests/irqchip.rs`).
 //!
 //! ```no_run
 //! use memvisor_kvm::{Kvm, Memslot};
@@ -48,9 +53,9 @@
 //! # Ok::<(), memvisor_kvm::Error>(())
 //! ```
 //!
-//! Non-goals here: interrupt controllers and devices (the reference VMM's
-//! job), confidential VM types (absent on the machines memvisor is developed
-//! on), architectures other than x86-64.
+//! Non-goals here: device models, the I/O APIC included (the reference
+//! VMM's job, over the split irqchip), confidential VM types (absent on the
+//! machines memvisor is developed on), architectures other than x86-64.
 
 #![warn(missing_docs)]
 
@@ -66,8 +71,8 @@ mod vm;
 pub use dirty::{DirtyBitmap, DirtyGfn};
 pub use guest_memfd::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfd};
 pub use memslot::{Memslot, MemslotFlags};
-pub use vcpu::{ExitHandler, Flow, Stop, Vcpu};
-pub use vm::{Capabilities, Kvm, Vm};
+pub use vcpu::{ExitHandler, Flow, ProtectedModeEntry, Stop, Vcpu};
+pub use vm::{Capabilities, Kvm, MsiRoute, Vm};
 
 use std::time::Duration;
 

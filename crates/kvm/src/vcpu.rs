@@ -67,6 +67,27 @@ pub trait ExitHandler {
         let _ = (gpa, data);
         Flow::Continue
     }
+
+    /// With a split irqchip ([`Vm::enable_split_irqchip`](crate::Vm::enable_split_irqchip)):
+    /// the local APIC accepted an EOI for `vector`, which a userspace I/O
+    /// APIC routed level-triggered (`KVM_EXIT_IOAPIC_EOI`).
+    fn ioapic_eoi(&mut self, vector: u8) -> Flow {
+        let _ = vector;
+        Flow::Continue
+    }
+}
+
+/// The 32-bit protected-mode entry state of the multiboot specification
+/// (3.2, "Machine state"): flat 4 GiB code and data segments, paging off,
+/// interrupts off, EAX and EBX as given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtectedModeEntry {
+    /// Entry point (EIP).
+    pub eip: u32,
+    /// EAX (the multiboot loader magic, `0x2BADB002`).
+    pub eax: u32,
+    /// EBX (the multiboot information's physical address).
+    pub ebx: u32,
 }
 
 /// Why [`Vcpu::run`] returned without an error.
@@ -165,6 +186,46 @@ impl Vcpu {
         self.set_regs(&regs)
     }
 
+    /// Puts the vCPU in 32-bit protected mode at `entry.eip` (see
+    /// [`ProtectedModeEntry`]): CR0.PE only, flat code (selector 0x8) and
+    /// data (0x10) segments, EFER clear, EFLAGS = 0x2.
+    pub fn enter_protected_mode(&self, entry: &ProtectedModeEntry) -> Result<()> {
+        let mut sregs = self.sregs()?;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x8,
+            type_: 0xb, // execute/read, accessed
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_segment { selector: 0x10, type_: 0x3, ..code }; // read/write, accessed
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.cr0 = CR0_PE | CR0_ET;
+        sregs.cr3 = 0;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.fd.set_sregs(&sregs).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+        let regs = kvm_regs {
+            rip: u64::from(entry.eip),
+            rax: u64::from(entry.eax),
+            rbx: u64::from(entry.ebx),
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.set_regs(&regs)
+    }
+
     /// Runs the guest, dispatching PIO and MMIO exits to `handler`, until it
     /// halts, the handler stops it, or something ends it.
     ///
@@ -232,6 +293,7 @@ fn dispatch(exit: VcpuExit<'_>, handler: &mut dyn ExitHandler) -> Step {
         VcpuExit::IoIn(port, data) => handler.pio_in(port, data),
         VcpuExit::MmioRead(addr, data) => handler.mmio_read(Gpa::new(addr), data),
         VcpuExit::MmioWrite(addr, data) => handler.mmio_write(Gpa::new(addr), data),
+        VcpuExit::IoapicEoi(vector) => handler.ioapic_eoi(vector),
         VcpuExit::Hlt => return Step::Return(Stop::Halted),
         VcpuExit::Intr => return Step::Interrupted,
         VcpuExit::Shutdown => return Step::Fail(Error::Shutdown),

@@ -5,8 +5,10 @@ use std::sync::{Arc, OnceLock};
 use kvm_bindings::{
     CpuId, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
-    KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_CAP_USER_MEMORY2, KVM_DIRTY_LOG_INITIALLY_SET,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES, kvm_enable_cap,
+    KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_USER_MEMORY2,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQ_ROUTING_MSI,
+    KVM_MAX_CPUID_ENTRIES, KvmIrqRouting, kvm_enable_cap, kvm_irq_routing_entry,
+    kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi, kvm_msi,
 };
 use kvm_ioctls::VmFd;
 use memvisor_hostmem::{GuestRam, RamRegion, page_size};
@@ -19,6 +21,17 @@ use crate::{Error, GuestMemfd, Memslot, MemslotFlags, Result, Vcpu, sys};
 /// `KVM_CAP_GUEST_MEMFD_FLAGS` (`include/uapi/linux/kvm.h`, Linux 6.18): the
 /// guest_memfd creation flags this VM accepts. kvm-bindings 0.14 lacks it.
 const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+
+/// One MSI route of the VM's GSI routing table ([`Vm::set_msi_routes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiRoute {
+    /// The GSI.
+    pub gsi: u32,
+    /// The MSI address.
+    pub address: u64,
+    /// The MSI data.
+    pub data: u32,
+}
 
 /// An open `/dev/kvm`.
 #[derive(Debug)]
@@ -293,13 +306,77 @@ impl Vm {
         self.inner.fd.enable_cap(&req).map_err(|e| Error::kvm("KVM_ENABLE_CAP", e))
     }
 
+    // ---- interrupts ---------------------------------------------------------
+
+    /// `KVM_CAP_SPLIT_IRQCHIP` with `ioapic_pins` routes reserved for a
+    /// userspace I/O APIC: local APICs are emulated in the kernel, the I/O
+    /// APIC and PIC are the VMM's (their MMIO and ports exit to it), and
+    /// interrupts come in as MSIs ([`signal_msi`](Self::signal_msi)). Must
+    /// precede every [`create_vcpu`](Self::create_vcpu).
+    pub fn enable_split_irqchip(&self, ioapic_pins: u32) -> Result<()> {
+        self.enable_cap(KVM_CAP_SPLIT_IRQCHIP, u64::from(ioapic_pins))
+    }
+
+    /// `KVM_SIGNAL_MSI`: delivers the message `data` written to `address`
+    /// to the in-kernel local APICs. Returns whether some APIC accepted it
+    /// (`false`: blocked or no destination — as on hardware, not an error).
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<bool> {
+        let msi = kvm_msi {
+            address_lo: u32::try_from(address & 0xffff_ffff).unwrap_or(0),
+            address_hi: u32::try_from(address >> 32).unwrap_or(0),
+            data,
+            ..Default::default()
+        };
+        let delivered = self.inner.fd.signal_msi(msi).map_err(|e| Error::kvm("KVM_SIGNAL_MSI", e))?;
+        Ok(delivered > 0)
+    }
+
+    /// `KVM_SET_GSI_ROUTING` with one MSI route per entry of `routes`,
+    /// replacing the whole table. With a split irqchip, routes for GSIs
+    /// below the reserved I/O APIC pin count tell KVM which vectors a
+    /// userspace I/O APIC delivers level-triggered (MSI data bit 15): the
+    /// local APIC's EOI of such a vector exits with `KVM_EXIT_IOAPIC_EOI`
+    /// ([`ExitHandler::ioapic_eoi`](crate::ExitHandler::ioapic_eoi)).
+    pub fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
+        let mut table = KvmIrqRouting::new(routes.len())
+            .map_err(|_| Error::TooLarge { what: "GSI routing table entries", value: routes.len() as u64 })?;
+        for (entry, route) in table.as_mut_slice().iter_mut().zip(routes) {
+            *entry = kvm_irq_routing_entry {
+                gsi: route.gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_irq_routing_msi {
+                        address_lo: u32::try_from(route.address & 0xffff_ffff).unwrap_or(0),
+                        address_hi: u32::try_from(route.address >> 32).unwrap_or(0),
+                        data: route.data,
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            };
+        }
+        self.inner.fd.set_gsi_routing(&table).map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", e))
+    }
+
     // ---- vCPUs -----------------------------------------------------------
 
-    /// Creates vCPU `id` with the host's supported CPUID, and maps its dirty
+    /// Creates vCPU `id` with the host's supported CPUID (its initial APIC
+    /// id set to `id`, as KVM sets the local APIC's), and maps its dirty
     /// ring if the ring is enabled.
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu> {
         let fd = self.inner.fd.create_vcpu(id).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
-        fd.set_cpuid2(&self.inner.cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+        let apic_id = u32::try_from(id).map_err(|_| Error::TooLarge { what: "vCPU id", value: id })?;
+        let mut cpuid = self.inner.cpuid.clone();
+        for entry in cpuid.as_mut_slice() {
+            match entry.function {
+                // CPUID.1:EBX[31:24]: initial (xAPIC) id.
+                1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (apic_id & 0xff) << 24,
+                // CPUID.0BH / 1FH:EDX: x2APIC id.
+                0xb | 0x1f => entry.edx = apic_id,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
         let ring = self.dirty_ring_bytes().map(|bytes| DirtyRing::map(&fd, bytes)).transpose()?;
         Ok(Vcpu::new(id, fd, Arc::clone(&self.inner), ring))
     }
