@@ -459,6 +459,69 @@ fn inval_range(addr: u64, am: u8) -> (u64, u64) {
     (first, first.saturating_add(size - 1))
 }
 
+/// The two context-entry formats, for the one cached lookup of both.
+trait ContextFormat: Copy + Sized {
+    /// This format's entry in a cached context, if it is one.
+    fn of(c: &Context) -> Option<Self>;
+    /// The cached form.
+    fn wrap(self) -> Context;
+    /// Decodes the entry of `sid` from the guest's tables.
+    fn load<T: TableMemory<Addr = Gpa> + ?Sized>(
+        mem: &T,
+        rtaddr: u64,
+        sid: SourceId,
+        support: &Support,
+    ) -> Result<Self, TableFault>;
+    /// The unit's one-entry shortcut for this format.
+    fn hot(d: &mut Dmar) -> &mut Option<(u16, Self)>;
+}
+
+impl ContextFormat for LegacyContext {
+    fn of(c: &Context) -> Option<Self> {
+        match c {
+            Context::Legacy(ctx) => Some(*ctx),
+            Context::Scalable(_) => None,
+        }
+    }
+    fn wrap(self) -> Context {
+        Context::Legacy(self)
+    }
+    fn load<T: TableMemory<Addr = Gpa> + ?Sized>(
+        mem: &T,
+        rtaddr: u64,
+        sid: SourceId,
+        support: &Support,
+    ) -> Result<Self, TableFault> {
+        tables::legacy_context(mem, rtaddr, sid, support)
+    }
+    fn hot(d: &mut Dmar) -> &mut Option<(u16, Self)> {
+        &mut d.hot_legacy
+    }
+}
+
+impl ContextFormat for ScalableContext {
+    fn of(c: &Context) -> Option<Self> {
+        match c {
+            Context::Scalable(ctx) => Some(*ctx),
+            Context::Legacy(_) => None,
+        }
+    }
+    fn wrap(self) -> Context {
+        Context::Scalable(self)
+    }
+    fn load<T: TableMemory<Addr = Gpa> + ?Sized>(
+        mem: &T,
+        rtaddr: u64,
+        sid: SourceId,
+        support: &Support,
+    ) -> Result<Self, TableFault> {
+        tables::scalable_context(mem, rtaddr, sid, support)
+    }
+    fn hot(d: &mut Dmar) -> &mut Option<(u16, Self)> {
+        &mut d.hot_scalable
+    }
+}
+
 impl Dmar {
     /// A unit with `config` and empty caches.
     pub fn new(config: &Config) -> Dmar {
@@ -653,38 +716,7 @@ impl Dmar {
         root: &RootState,
         sid: SourceId,
     ) -> Result<LegacyContext, TableFault> {
-        if let Some((hot, ctx)) = self.hot_legacy
-            && hot == sid.0
-        {
-            self.stats.context_cache_hits += 1;
-            return Ok(ctx);
-        }
-        match self.contexts.get(sid.0) {
-            Some(CachedContext::Valid(Context::Legacy(ctx))) => {
-                self.stats.context_cache_hits += 1;
-                let ctx = *ctx;
-                self.hot_legacy = Some((sid.0, ctx));
-                return Ok(ctx);
-            }
-            Some(CachedContext::Fault(f)) => {
-                self.stats.context_cache_hits += 1;
-                return Err(*f);
-            }
-            _ => {}
-        }
-        self.stats.context_cache_misses += 1;
-        match tables::legacy_context(mem, root.rtaddr, sid, &self.support) {
-            Ok(ctx) => {
-                self.contexts.insert(sid.0, CachedContext::Valid(Context::Legacy(ctx)));
-                Ok(ctx)
-            }
-            Err(f) => {
-                if self.config.caching_mode && cacheable_context_fault(f.reason) {
-                    self.contexts.insert(sid.0, CachedContext::Fault(f));
-                }
-                Err(f)
-            }
-        }
+        self.context(mem, root, sid)
     }
 
     fn scalable_context<T: TableMemory<Addr = Gpa> + ?Sized>(
@@ -693,29 +725,42 @@ impl Dmar {
         root: &RootState,
         sid: SourceId,
     ) -> Result<ScalableContext, TableFault> {
-        if let Some((hot, ctx)) = self.hot_scalable
+        self.context(mem, root, sid)
+    }
+
+    /// The context entry of `sid` in the format `C`: from the one-entry
+    /// shortcut, the context cache, or the guest's tables (then cached; a
+    /// fault only with caching mode).
+    fn context<C: ContextFormat, T: TableMemory<Addr = Gpa> + ?Sized>(
+        &mut self,
+        mem: &T,
+        root: &RootState,
+        sid: SourceId,
+    ) -> Result<C, TableFault> {
+        if let Some((hot, ctx)) = *C::hot(self)
             && hot == sid.0
         {
             self.stats.context_cache_hits += 1;
             return Ok(ctx);
         }
         match self.contexts.get(sid.0) {
-            Some(CachedContext::Valid(Context::Scalable(ctx))) => {
-                self.stats.context_cache_hits += 1;
-                let ctx = *ctx;
-                self.hot_scalable = Some((sid.0, ctx));
-                return Ok(ctx);
+            Some(CachedContext::Valid(c)) => {
+                if let Some(ctx) = C::of(c) {
+                    self.stats.context_cache_hits += 1;
+                    *C::hot(self) = Some((sid.0, ctx));
+                    return Ok(ctx);
+                }
             }
             Some(CachedContext::Fault(f)) => {
                 self.stats.context_cache_hits += 1;
                 return Err(*f);
             }
-            _ => {}
+            None => {}
         }
         self.stats.context_cache_misses += 1;
-        match tables::scalable_context(mem, root.rtaddr, sid, &self.support) {
+        match C::load(mem, root.rtaddr, sid, &self.support) {
             Ok(ctx) => {
-                self.contexts.insert(sid.0, CachedContext::Valid(Context::Scalable(ctx)));
+                self.contexts.insert(sid.0, CachedContext::Valid(ctx.wrap()));
                 Ok(ctx)
             }
             Err(f) => {

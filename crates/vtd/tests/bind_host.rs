@@ -2,6 +2,9 @@
 //! every decision is checked through real DMA translation
 //! (`Iommufd::translate`), nested walks of guest stage-1 tables included.
 
+#[path = "support/host_ram.rs"]
+mod host_ram;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -9,9 +12,10 @@ use memvisor_hostmem::{MappedRegion, Mapping};
 use memvisor_ioas::{
     Backing, DmaAccess, DmaFault, HwptKind, Id, Iommufd, MapFlags, VTD_S1_EAFE, VTD_S1_SRE, VTD_S1_WPE, VtdS1,
 };
-use memvisor_paging::{ArenaFrames, Mapper, MemoryError, TableMemory, X86Attrs, X86Paging};
+use memvisor_paging::{ArenaFrames, Mapper, X86Attrs, X86Paging};
 use memvisor_types::{AddrRange, Address, Gpa, Gva, PageSize};
 use memvisor_vtd::bind::{BoundTo, HOST_NO_PASID, HostBinding};
+use memvisor_vtd::memory::VmMemory;
 use memvisor_vtd::tables::{PasidEntry, Pgtt, Support, decode_pasid_entry};
 use memvisor_vtd::{
     ContextInval, GuestTables, Invalidation, Observer, PasidCacheInval, PiotlbInval, RootState, SourceId,
@@ -41,33 +45,11 @@ fn host() -> Host {
     Host { ictx, parent, ram }
 }
 
-/// Guest RAM as table memory (GPA = offset into the mapping).
-struct GuestView(Arc<Mapping>);
-
-impl TableMemory for GuestView {
-    type Addr = Gpa;
-    fn read_entry(&self, addr: Gpa) -> Result<u64, MemoryError> {
-        let mut b = [0u8; 8];
-        self.0.read_at(addr.raw(), &mut b).map_err(|_| MemoryError::Unbacked(addr.raw()))?;
-        Ok(u64::from_le_bytes(b))
-    }
-    fn write_entry(&self, addr: Gpa, v: u64) -> Result<(), MemoryError> {
-        self.0.write_at(addr.raw(), &v.to_le_bytes()).map_err(|_| MemoryError::Unbacked(addr.raw()))
-    }
-    fn compare_exchange_entry(&self, addr: Gpa, cur: u64, new: u64) -> Result<Result<u64, u64>, MemoryError> {
-        let v = self.read_entry(addr)?;
-        if v != cur {
-            return Ok(Err(v));
-        }
-        self.write_entry(addr, new)?;
-        Ok(Ok(v))
-    }
-}
-
 /// Builds a guest stage-1 table in frames `frames` (GPA range) mapping
 /// `IOVA` → `target`; returns its root (the FSPTPTR).
 fn stage1(host: &Host, frames: (u64, u64), target: u64) -> u64 {
-    let guest = GuestView(host.ram.clone());
+    let ram = host_ram::guest_ram(&host.ram);
+    let guest = VmMemory(&ram);
     let mut frames = ArenaFrames::<Gpa>::range(frames.0, frames.1);
     let mut s1 = Mapper::new(X86Paging::four_level(), &guest, &mut frames).expect("stage-1 root");
     let range = AddrRange::from_len(Gva::new(IOVA), 0x1000).expect("range");
@@ -77,7 +59,8 @@ fn stage1(host: &Host, frames: (u64, u64), target: u64) -> u64 {
 
 /// Points `IOVA` of the stage-1 table at `root` to `target` instead.
 fn remap_stage1(host: &Host, root: u64, frames: (u64, u64), target: u64) {
-    let guest = GuestView(host.ram.clone());
+    let ram = host_ram::guest_ram(&host.ram);
+    let guest = VmMemory(&ram);
     let mut frames = ArenaFrames::<Gpa>::range(frames.0, frames.1);
     let mut s1 = Mapper::from_root(X86Paging::four_level(), &guest, &mut frames, Gpa::new(root));
     let range = AddrRange::from_len(Gva::new(IOVA), 0x1000).expect("range");

@@ -3,14 +3,18 @@
 //! invalidated globally, host DMA is exactly what its PASID entry says, and
 //! no nested HWPT is ever leaked.
 
+#[path = "support/host_ram.rs"]
+mod host_ram;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use memvisor_hostmem::{MappedRegion, Mapping};
 use memvisor_ioas::{Backing, DmaAccess, DmaFault, HwptKind, Id, Iommufd, MapFlags};
-use memvisor_paging::{ArenaFrames, Mapper, MemoryError, TableMemory, X86Attrs, X86Paging};
+use memvisor_paging::{ArenaFrames, Mapper, X86Attrs, X86Paging};
 use memvisor_types::{AddrRange, Address, Gpa, Gva, PageSize};
 use memvisor_vtd::bind::{HOST_NO_PASID, HostBinding};
+use memvisor_vtd::memory::VmMemory;
 use memvisor_vtd::tables::{PasidEntry, Support, decode_pasid_entry};
 use memvisor_vtd::{
     ContextInval, GuestTables, Invalidation, Observer, PasidCacheInval, PiotlbInval, RootState, SourceId,
@@ -23,28 +27,6 @@ const IOVA: u64 = 0x4000_0000;
 const TARGETS: [u64; 2] = [0x9000, 0xa000];
 const SIDS: [SourceId; 2] = [SourceId::new(0, 3, 0), SourceId::new(0, 4, 0)];
 const PASIDS: [u32; 2] = [0, 7];
-
-struct GuestView(Arc<Mapping>);
-
-impl TableMemory for GuestView {
-    type Addr = Gpa;
-    fn read_entry(&self, addr: Gpa) -> Result<u64, MemoryError> {
-        let mut b = [0u8; 8];
-        self.0.read_at(addr.raw(), &mut b).map_err(|_| MemoryError::Unbacked(addr.raw()))?;
-        Ok(u64::from_le_bytes(b))
-    }
-    fn write_entry(&self, addr: Gpa, v: u64) -> Result<(), MemoryError> {
-        self.0.write_at(addr.raw(), &v.to_le_bytes()).map_err(|_| MemoryError::Unbacked(addr.raw()))
-    }
-    fn compare_exchange_entry(&self, addr: Gpa, cur: u64, new: u64) -> Result<Result<u64, u64>, MemoryError> {
-        let v = self.read_entry(addr)?;
-        if v != cur {
-            return Ok(Err(v));
-        }
-        self.write_entry(addr, new)?;
-        Ok(Ok(v))
-    }
-}
 
 struct Tables {
     root: RootState,
@@ -145,7 +127,8 @@ fn world() -> World {
 }
 
 fn stage1(ram: &Arc<Mapping>, frames: (u64, u64), target: u64) -> u64 {
-    let guest = GuestView(ram.clone());
+    let ram = host_ram::guest_ram(ram);
+    let guest = VmMemory(&ram);
     let mut frames = ArenaFrames::<Gpa>::range(frames.0, frames.1);
     let mut s1 = Mapper::new(X86Paging::four_level(), &guest, &mut frames).expect("root");
     let range = AddrRange::from_len(Gva::new(IOVA), 0x1000).expect("range");

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use memvisor_hostmem::{GuestRam, MappedRegion, Mapping, RamRegion};
 use memvisor_ioas::{Backing, DmaAccess, DmaFault, HwptKind, Id, Iommufd, MapFlags};
-use memvisor_paging::{ArenaFrames, Mapper, MemoryError, TableMemory, X86Attrs, X86Paging};
+use memvisor_paging::{ArenaFrames, Mapper, X86Attrs, X86Paging};
 use memvisor_types::{AddrRange, Address, Gpa, Gva, PageSize};
 use memvisor_vtd::bind::{HOST_NO_PASID, HostBinding};
 use memvisor_vtd::device::Vtd;
@@ -34,28 +34,6 @@ struct Guest {
     sink: RecordingSink,
 }
 
-struct View(Arc<Mapping>);
-
-impl TableMemory for View {
-    type Addr = Gpa;
-    fn read_entry(&self, addr: Gpa) -> Result<u64, MemoryError> {
-        let mut b = [0u8; 8];
-        self.0.read_at(addr.raw(), &mut b).map_err(|_| MemoryError::Unbacked(addr.raw()))?;
-        Ok(u64::from_le_bytes(b))
-    }
-    fn write_entry(&self, addr: Gpa, v: u64) -> Result<(), MemoryError> {
-        self.0.write_at(addr.raw(), &v.to_le_bytes()).map_err(|_| MemoryError::Unbacked(addr.raw()))
-    }
-    fn compare_exchange_entry(&self, addr: Gpa, cur: u64, new: u64) -> Result<Result<u64, u64>, MemoryError> {
-        let v = self.read_entry(addr)?;
-        if v != cur {
-            return Ok(Err(v));
-        }
-        self.write_entry(addr, new)?;
-        Ok(Ok(v))
-    }
-}
-
 fn write_u64(g: &Guest, gpa: u64, v: u64) {
     g.mapping.write_at(gpa, &v.to_le_bytes()).expect("guest RAM");
 }
@@ -77,7 +55,7 @@ fn guest() -> (Guest, u64) {
     vtd.set_observer(Some(Box::new(binding.clone())));
     binding.lock().expect("binding").add_device(SID, dev).expect("add");
     let g = Guest { mapping, ram, ictx, dev, vtd, sink: RecordingSink::default() };
-    let view = View(g.mapping.clone());
+    let view = VmMemory(&g.ram);
     let mut frames = ArenaFrames::<Gpa>::range(0x1_0000, 0x1_8000);
     let mut s1 = Mapper::new(X86Paging::four_level(), &view, &mut frames).expect("root");
     let range = AddrRange::from_len(Gva::new(IOVA), 0x1000).expect("range");
@@ -171,7 +149,7 @@ const PASID_CACHE_PASID0: u64 = 7 | (1 << 4) | (1 << 16);
 const PIOTLB_PAGE_PASID0: u64 = 6 | (3 << 4) | (1 << 16);
 
 fn remap_stage1(g: &Guest, root: u64, target: u64) {
-    let view = View(g.mapping.clone());
+    let view = VmMemory(&g.ram);
     let mut frames = ArenaFrames::<Gpa>::range(0x1_8000, 0x2_0000);
     let mut s1 = Mapper::from_root(X86Paging::four_level(), &view, &mut frames, Gpa::new(root));
     let range = AddrRange::from_len(Gva::new(IOVA), 0x1000).expect("range");
