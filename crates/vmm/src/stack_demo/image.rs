@@ -3,9 +3,12 @@
 //! context entry with PASID directory, a first-stage PASID entry) and the
 //! guest's 4-level first-stage IO page tables.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use memvisor_hostmem::GuestRam;
 use memvisor_types::{Address, Gpa};
+use memvisor_vtd::SourceId;
+use memvisor_vtd::encode::{self, LegacyTt, PasidEntryFields};
+use memvisor_vtd::memory::VmMemory;
 
 use super::layout::{
     CONTEXT_TABLE, EDU_DID, EDU_IRTE, EDU_PASID, EDU_SID, EDU_VECTORS, FS_TABLES, FS_TABLES_END, IR_TABLE,
@@ -33,7 +36,8 @@ pub fn write_u64(ram: &GuestRam, gpa: u64, v: u64) -> Result<()> {
 /// The IRTE mapping edu's MSIs to `vector` (remapped format, fixed
 /// delivery, physical destination APIC 0, source validation on edu's id).
 pub fn irte(vector: u8) -> (u64, u64) {
-    (1 | (u64::from(vector) << 16), u64::from(EDU_SID) | (1 << 18))
+    let [lo, hi] = encode::irte(vector, 0, false, SourceId(EDU_SID));
+    (lo, hi)
 }
 
 /// Writes edu's IRTE.
@@ -46,30 +50,21 @@ pub fn write_ir_table(ram: &GuestRam) -> Result<()> {
 /// Legacy mode instead: root entry, legacy context entry (TT=0
 /// multi-level, AW=2: 4-level 48-bit second stage at `root`, edu's DID).
 pub fn write_legacy_tables(ram: &GuestRam, root: u64) -> Result<()> {
-    let bus = u64::from(EDU_SID >> 8);
-    let devfn = u64::from(EDU_SID & 0xff);
-    write_u64(ram, ROOT_TABLE + bus * 16, CONTEXT_TABLE | 1)?;
-    let ce = CONTEXT_TABLE + devfn * 16;
-    write_u64(ram, ce, root | 1)?;
-    write_u64(ram, ce + 8, 2 | (u64::from(EDU_DID) << 8))
+    let entry = encode::legacy_context_entry(root, LegacyTt::MultiLevel, 4, EDU_DID);
+    encode::install_legacy_context(&VmMemory(ram), ROOT_TABLE, CONTEXT_TABLE, SourceId(EDU_SID), entry)
+        .map_err(|e| anyhow!("writing the legacy context entry: {e}"))
 }
 
 pub fn write_vtd_tables(ram: &GuestRam, fs_root: u64) -> Result<()> {
-    let bus = u64::from(EDU_SID >> 8);
-    let devfn = u64::from(EDU_SID & 0xff);
-    // Root entry, lower half (devfn 0..127): present + context-table pointer.
-    write_u64(ram, ROOT_TABLE + bus * 16, CONTEXT_TABLE | 1)?;
-    // Scalable context entry: P, PDTS=0 (128 directory entries), PASID
-    // directory pointer; val[1] RID_PASID.
-    let ce = CONTEXT_TABLE + devfn * 32;
-    write_u64(ram, ce, PASID_DIR | 1)?;
-    write_u64(ram, ce + 8, u64::from(EDU_PASID))?;
-    let pasid = u64::from(EDU_PASID);
-    write_u64(ram, PASID_DIR + (pasid >> 6) * 8, PASID_TABLE | 1)?;
-    let pe = PASID_TABLE + (pasid & 0x3f) * 64;
-    write_u64(ram, pe, 1 | (1 << 6))?; // P, PGTT=1 first-stage
-    write_u64(ram, pe + 8, u64::from(EDU_DID))?;
-    write_u64(ram, pe + 16, fs_root)?; // SRE=0, FSPM=0 (4-level), WPE=0, EAFE=0
+    // Scalable context entry (PDTS 0: 128 directory entries, RID_PASID =
+    // edu's PASID) and a first-stage PASID entry (4-level, SRE/WPE/EAFE off).
+    let mem = VmMemory(ram);
+    let context = encode::scalable_context_entry(PASID_DIR, 0, EDU_PASID);
+    encode::install_scalable_context(&mem, ROOT_TABLE, CONTEXT_TABLE, SourceId(EDU_SID), context)
+        .map_err(|e| anyhow!("writing the context entry: {e}"))?;
+    let entry = PasidEntryFields::first_stage(EDU_DID, fs_root).encode();
+    encode::install_pasid_entry(&mem, PASID_DIR, PASID_TABLE, EDU_PASID, entry)
+        .map_err(|e| anyhow!("writing the PASID entry: {e}"))?;
     Ok(())
 }
 

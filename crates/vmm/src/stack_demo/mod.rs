@@ -577,39 +577,41 @@ fn seed(phase: u64, iova: u64) -> u64 {
     ((phase + 1) << 48) | iova
 }
 
-/// QI descriptors (128-bit).
+/// QI descriptors (128-bit) for edu's domain and PASID, from memvisor-vtd's encoders.
 mod desc {
+    use memvisor_vtd::encode;
+
     use super::{EDU_DID, EDU_PASID, WAIT_STATUS};
 
-    fn did_pasid() -> u64 {
-        (u64::from(EDU_DID) << 16) | (u64::from(EDU_PASID) << 32)
+    fn pair(d: [u64; 2]) -> (u64, u64) {
+        (d[0], d[1])
     }
     pub fn context_global() -> (u64, u64) {
-        (1 | (1 << 4), 0)
+        pair(encode::qi_context_global())
     }
     pub fn iotlb_global() -> (u64, u64) {
-        (2 | (1 << 4), 0)
+        pair(encode::qi_iotlb_global())
     }
     pub fn iotlb_domain() -> (u64, u64) {
-        (2 | (2 << 4) | (u64::from(EDU_DID) << 16), 0)
+        pair(encode::qi_iotlb_domain(EDU_DID))
     }
     pub fn iotlb_page(iova: u64) -> (u64, u64) {
-        (2 | (3 << 4) | (u64::from(EDU_DID) << 16), iova & !0xfff)
+        pair(encode::qi_iotlb_page(EDU_DID, iova, 0))
     }
     pub fn pasid_cache() -> (u64, u64) {
-        (7 | (1 << 4) | did_pasid(), 0)
+        pair(encode::qi_pasid_cache(EDU_DID, EDU_PASID))
     }
     pub fn piotlb_pasid() -> (u64, u64) {
-        (6 | (2 << 4) | did_pasid(), 0)
+        pair(encode::qi_piotlb_pasid(EDU_DID, EDU_PASID))
     }
     pub fn piotlb_page(iova: u64) -> (u64, u64) {
-        (6 | (3 << 4) | did_pasid(), iova & !0xfff)
+        pair(encode::qi_piotlb_page(EDU_DID, EDU_PASID, iova, 0))
     }
     pub fn iec_global() -> (u64, u64) {
-        (4, 0)
+        pair(encode::qi_iec_global())
     }
     pub fn wait(token: u32) -> (u64, u64) {
-        (5 | (1 << 5) | (u64::from(token) << 32), WAIT_STATUS)
+        pair(encode::qi_wait(WAIT_STATUS, token))
     }
 }
 
