@@ -11,7 +11,7 @@
 //! A suite is a module with a `run(&Config, &mut Reporter)` function listed in
 //! [`SUITES`]; it builds its input once, measures with
 //! [`harness::compare`], and emits [`report::Record`]s. Suites today:
-//! `paging`, `memslots`, `mmu`, `ioas`, `asi`, `vtd`.
+//! `paging`, `memslots`, `mmu`, `ioas`, `asi`, `vtd`, `vmm`.
 //!
 //! Where no peer can do the same work in-process, a record compares a
 //! measured count with an analytical bound instead (its `peer` says
@@ -25,6 +25,7 @@ mod mmu;
 mod paging;
 mod report;
 mod rng;
+mod vmm;
 mod vtd;
 
 use std::process::ExitCode;
@@ -55,6 +56,7 @@ const SUITES: &[Suite] = &[
     Suite { name: "ioas", run: ioas::run },
     Suite { name: "asi", run: asi::run },
     Suite { name: "vtd", run: vtd::run },
+    Suite { name: "vmm", run: vmm::run },
 ];
 
 /// memvisor benchmarks: each case runs memvisor and a peer on the same input,
@@ -62,7 +64,7 @@ const SUITES: &[Suite] = &[
 #[derive(Debug, Parser)]
 #[command(name = "memvisor-bench", version)]
 struct Cli {
-    /// Suites to run (all when none is given): paging, memslots, mmu, ioas, asi, vtd.
+    /// Suites to run (all when none is given): paging, memslots, mmu, ioas, asi, vtd, vmm.
     suites: Vec<String>,
     /// Print one JSON object per case on stdout, and nothing else there.
     #[arg(long)]
