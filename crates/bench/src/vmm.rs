@@ -50,7 +50,6 @@ use memvisor_vtd::device::Vtd;
 use memvisor_vtd::encode::{LegacyTt, install_legacy_context, legacy_context_entry};
 use memvisor_vtd::memory::VmMemory;
 use memvisor_vtd::regs::{gcmd, off};
-use memvisor_vtd::translate::DmaRequest;
 use memvisor_vtd::{Config, Mode, RecordingSink, SourceId};
 
 use crate::Config as BenchConfig;
@@ -329,25 +328,11 @@ impl Bus<'_> {
             return if copy(self.ram, Gpa::new(iova), 0..len) { Ok(()) } else { Err(DmaError { iova }) };
         };
         let mem = VmMemory(self.ram);
-        let mut irq = RecordingSink::default();
-        let mut done = 0usize;
-        while done < len {
-            let addr = u64::try_from(done).ok().and_then(|d| iova.checked_add(d)).ok_or(DmaError { iova })?;
-            let fail = DmaError { iova: addr };
-            let req = if write {
-                DmaRequest::write(SourceId(sid), addr)
-            } else {
-                DmaRequest::read(SourceId(sid), addr)
-            };
-            let t = vtd.translate(&mem, &mut irq, &req).map_err(|_| fail)?;
-            let page = t.page_size.max(1);
-            let n = usize::try_from(page - addr % page).unwrap_or(usize::MAX).min(len - done);
-            if !copy(self.ram, Gpa::new(t.output), done..done + n) {
-                return Err(fail);
-            }
-            done += n;
-        }
-        Ok(())
+        let ram = self.ram;
+        vtd.dma(&mem, &mut RecordingSink::default(), SourceId(sid), None, iova, len, write, |gpa, range| {
+            copy(ram, Gpa::new(gpa), range)
+        })
+        .map_err(|stop| DmaError { iova: stop.iova })
     }
 }
 

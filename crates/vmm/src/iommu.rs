@@ -15,7 +15,6 @@ use memvisor_platform::DmaError;
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
 use memvisor_vtd::memory::VmMemory;
-use memvisor_vtd::translate::DmaRequest;
 use memvisor_vtd::{Config, InterruptSink, Mode, Msi, SourceId};
 
 use crate::run::VtdMode;
@@ -151,30 +150,15 @@ fn translated(
         Dir::Read(buf) => (false, buf.len()),
         Dir::Write(buf) => (true, buf.len()),
     };
-    let mut done = 0usize;
-    while done < len {
-        let addr = u64::try_from(done).ok().and_then(|d| iova.checked_add(d)).ok_or(DmaError { iova })?;
-        let fail = DmaError { iova: addr };
-        let req = if write {
-            DmaRequest::write(SourceId(sid), addr)
-        } else {
-            DmaRequest::read(SourceId(sid), addr)
-        };
-        let t = vtd.translate(&mem, &mut Events(inject), &req).map_err(|_| fail)?;
-        let page = t.page_size.max(1);
-        let n = usize::try_from(page - addr % page).unwrap_or(usize::MAX).min(len - done);
-        let end = done.checked_add(n).ok_or(fail)?;
-        let gpa = Gpa::new(t.output);
+    vtd.dma(&mem, &mut Events(inject), SourceId(sid), None, iova, len, write, |gpa, range| {
+        let gpa = Gpa::new(gpa);
         let r = match &mut dir {
-            Dir::Read(buf) => buf.get_mut(done..end).map(|b| ram.read_at(gpa, b)),
-            Dir::Write(buf) => buf.get(done..end).map(|b| ram.write_at(gpa, b)),
+            Dir::Read(buf) => buf.get_mut(range).map(|b| ram.read_at(gpa, b)),
+            Dir::Write(buf) => buf.get(range).map(|b| ram.write_at(gpa, b)),
         };
-        if !matches!(r, Some(Ok(()))) {
-            return Err(fail);
-        }
-        done = end;
-    }
-    Ok(())
+        matches!(r, Some(Ok(())))
+    })
+    .map_err(|stop| DmaError { iova: stop.iova })
 }
 
 /// DMA without an IOMMU: device addresses are guest-physical.

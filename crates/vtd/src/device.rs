@@ -52,6 +52,16 @@ pub struct InvalidationCounts {
     pub device_tlb: u64,
 }
 
+/// Where a DMA of [`Vtd::dma`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaStop {
+    /// The IOVA it stopped at.
+    pub iova: u64,
+    /// The translation fault there (recorded by the unit), or `None` when
+    /// the caller's copy failed or the range overflowed.
+    pub fault: Option<FaultInfo>,
+}
+
 /// Counters of one unit.
 #[derive(Debug, Clone, Default)]
 pub struct VtdStats {
@@ -289,6 +299,43 @@ impl Vtd {
                 Err(f.info)
             }
         }
+    }
+
+    /// Translates a DMA of `len` bytes at `iova` by `sid` (and `pasid`),
+    /// one translation per page it touches, calling `piece(gpa, range)` for
+    /// each run of the buffer (`range` indexes the device's buffer, `gpa` is
+    /// where that run lands in guest memory). Stops at the first fault (which
+    /// the unit records, as [`translate`](Self::translate)) or the first
+    /// `piece` that returns `false`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dma<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        irq: &mut dyn InterruptSink,
+        sid: SourceId,
+        pasid: Option<u32>,
+        iova: u64,
+        len: usize,
+        write: bool,
+        mut piece: impl FnMut(u64, std::ops::Range<usize>) -> bool,
+    ) -> Result<(), DmaStop> {
+        let mut done = 0usize;
+        while done < len {
+            let addr = u64::try_from(done)
+                .ok()
+                .and_then(|d| iova.checked_add(d))
+                .ok_or(DmaStop { iova, fault: None })?;
+            let req = translate::DmaRequest { sid, pasid, addr, write, exec: false, privileged: false };
+            let t = self.translate(mem, irq, &req).map_err(|f| DmaStop { iova: addr, fault: Some(f) })?;
+            let page = t.page_size.max(1);
+            let n = usize::try_from(page - addr % page).unwrap_or(usize::MAX).min(len - done);
+            let end = done.saturating_add(n);
+            if !piece(t.output, done..end) {
+                return Err(DmaStop { iova: addr, fault: None });
+            }
+            done = end;
+        }
+        Ok(())
     }
 
     /// Records `info` as a primary fault (see [`fault`]) and sends the fault
