@@ -256,8 +256,12 @@ impl InterruptRemapper {
                     irte.sid() & mask == sid.0 & mask
                 }
                 2 => {
-                    let (max, min) = ((irte.sid() >> 8) as u8, (irte.sid() & 0xff) as u8);
-                    (min..=max).contains(&sid.bus())
+                    // The specification (and Linux's set_irte_verify_bus)
+                    // puts the start bus in SID 15:8 and the end bus in
+                    // 7:0 (QEMU reads them the other way round); a start
+                    // above the end matches no bus.
+                    let (start, end) = ((irte.sid() >> 8) as u8, (irte.sid() & 0xff) as u8);
+                    (start..=end).contains(&sid.bus())
                 }
                 _ => true,
             };

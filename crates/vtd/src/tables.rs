@@ -461,9 +461,17 @@ pub fn legacy_context<T: TableMemory<Addr = Gpa> + ?Sized>(
         did: ((hi >> 8) & 0xffff) as u16,
         raw: [lo, hi],
     };
+    // QEMU vtd_dev_to_context_entry: the AW check comes first and applies to
+    // every TT (for pass-through the spec has software program the largest
+    // AGAW the unit supports), then the TT check.
+    if !support.ss_levels_ok(ctx.levels()) {
+        return fault(CONTEXT_ENTRY_INV, fpd);
+    }
+    // TT=1 (device-TLB) needs ECAP.DT, which the unit does not advertise
+    // (emulated devices have no ATS): invalid programming, as QEMU's
+    // vtd_ce_type_check.
     match ctx.tt {
-        0 | 1 if !support.ss_levels_ok(ctx.levels()) => fault(CONTEXT_ENTRY_INV, fpd),
-        0 | 1 => Ok(ctx),
+        0 => Ok(ctx),
         2 if support.pass_through => Ok(ctx),
         _ => fault(CONTEXT_ENTRY_INV, fpd),
     }

@@ -560,7 +560,11 @@ impl Dmar {
 
     fn note_fs_root(&mut self, did: u16, pasid: u32, root: u64) {
         if self.fs_roots.len() >= MAX_MAP_ENTRIES {
+            // Forgetting a (DID, PASID) → root pair would let a later
+            // PASID-based invalidation miss that root's paging-structure
+            // caches: drop them together.
             self.fs_roots.clear();
+            self.walk.clear();
         }
         self.fs_roots.insert((did, pasid), root);
     }
@@ -821,7 +825,10 @@ impl Dmar {
             host_width: self.support.haw,
             large_2m: self.config.large_pages,
             large_1g: self.config.large_pages,
-            snoop_control: true,
+            // ECAP.SC is not advertised: SNP is reserved in legacy-mode
+            // leaves; scalable-mode units ignore it (QEMU `vtd_init` clears
+            // VTD_SPTE_SNP from the masks only for scalable mode or SC).
+            snoop_control: self.config.mode.scalable(),
             accessed_dirty,
             execute_requests: false,
         }

@@ -213,11 +213,11 @@ fn source_qualifier_ignores_the_function_bits_it_names() {
 fn bus_range_verification_accepts_buses_in_range_only() {
     // Arrange
     let mut rig = Rig::new(false);
-    rig.set_irte(1, Entry { svt: 2, sid: (5 << 8) | 2, ..Entry::default() });
+    rig.set_irte(1, Entry { svt: 2, sid: (2 << 8) | 5, ..Entry::default() });
     // Act
     let inside = rig.msi(SourceId::new(4, 0, 0), remappable(1));
     let outside = rig.msi(SourceId::new(6, 0, 0), remappable(1));
-    // Assert
+    // Assert: start bus 2 in SID 15:8, end bus 5 in 7:0.
     assert!(inside.is_some());
     assert_eq!(outside, None);
 }

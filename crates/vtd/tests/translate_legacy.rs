@@ -54,19 +54,6 @@ fn five_level_second_stage_translates_a_1g_leaf() {
 }
 
 #[test]
-fn device_tlb_translation_type_translates_like_multi_level() {
-    // Arrange
-    let mem = memory();
-    let mut m = ss_mapper(&mem, 4);
-    map_ss(&mut m, 0x1000, 0x1000, 0x9000, rw(), PageSize::Size4K);
-    set_legacy_context(&mem, DEV, legacy_ctx(m.root().as_u64(), 1, 2, 1));
-    // Act
-    let t = dmar().translate(&mem, &legacy_root(), &DmaRequest::read(DEV, 0x1010)).unwrap();
-    // Assert
-    assert_eq!(t.output, 0x9010);
-}
-
-#[test]
 fn pass_through_context_maps_every_address_to_itself() {
     // Arrange
     let mem = memory();
