@@ -1,6 +1,11 @@
 //! Primary fault logging through `Vtd`: fault-recording registers, FSTS
 //! PPF/PFO/FRI, masked and unmasked fault events.
 
+#[path = "support/mmio.rs"]
+mod mmio;
+
+use mmio::Mmio;
+
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
 use memvisor_vtd::translate::DmaRequest;
@@ -24,6 +29,12 @@ struct Rig {
     irq: RecordingSink,
 }
 
+impl Mmio for Rig {
+    fn parts(&mut self) -> (&mut Vtd, &TestMemory, &mut RecordingSink) {
+        (&mut self.vtd, &self.mem, &mut self.irq)
+    }
+}
+
 impl Rig {
     fn new(records: u16, unmask: bool) -> Self {
         let config = Config { fault_records: records, ..Config::default() };
@@ -38,22 +49,6 @@ impl Rig {
             rig.w32(FECTL, 0);
         }
         rig
-    }
-    fn r32(&mut self, off: u64) -> u32 {
-        let mut b = [0; 4];
-        self.vtd.mmio_read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn r64(&mut self, off: u64) -> u64 {
-        let mut b = [0; 8];
-        self.vtd.mmio_read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-    fn w32(&mut self, off: u64, v: u32) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
-    }
-    fn w64(&mut self, off: u64, v: u64) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
     }
     fn fault(&mut self, addr: u64) {
         let info = dma(addr);

@@ -2,6 +2,11 @@
 //! source-id verification, faults, the interrupt entry cache, compatibility
 //! format.
 
+#[path = "support/mmio.rs"]
+mod mmio;
+
+use mmio::Mmio;
+
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
 use memvisor_vtd::{Config, Msi, RecordingSink, SourceId, TestMemory};
@@ -57,6 +62,12 @@ impl Entry {
     }
 }
 
+impl Mmio for Rig {
+    fn parts(&mut self) -> (&mut Vtd, &TestMemory, &mut RecordingSink) {
+        (&mut self.vtd, &self.mem, &mut self.irq)
+    }
+}
+
 impl Rig {
     /// IR table of 256 entries at TABLE (EIME if `x2apic`), IR enabled the
     /// kvm-unit-tests way, QI enabled with its queue at QUEUE.
@@ -73,22 +84,6 @@ impl Rig {
         rig.gcmd_or(SIRTP);
         rig.gcmd_or(IRE);
         rig
-    }
-    fn r32(&mut self, off: u64) -> u32 {
-        let mut b = [0; 4];
-        self.vtd.mmio_read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn r64(&mut self, off: u64) -> u64 {
-        let mut b = [0; 8];
-        self.vtd.mmio_read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-    fn w32(&mut self, off: u64, v: u32) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
-    }
-    fn w64(&mut self, off: u64, v: u64) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
     }
     fn gcmd_or(&mut self, cmd: u32) {
         let status = self.r32(GSTS);

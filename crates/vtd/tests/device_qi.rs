@@ -1,6 +1,11 @@
 //! Queued invalidation through `Vtd`: descriptor decoding, IQE, wait
 //! descriptors, 256-bit mode, wrap-around.
 
+#[path = "support/mmio.rs"]
+mod mmio;
+
+use mmio::Mmio;
+
 use std::sync::{Arc, Mutex};
 
 use memvisor_types::Gpa;
@@ -45,6 +50,12 @@ struct Rig {
     wide: bool,
 }
 
+impl Mmio for Rig {
+    fn parts(&mut self) -> (&mut Vtd, &TestMemory, &mut RecordingSink) {
+        (&mut self.vtd, &self.mem, &mut self.irq)
+    }
+}
+
 impl Rig {
     /// QI enabled, queue of one page at QUEUE (256-bit descriptors if `wide`).
     fn new(config: Config, wide: bool) -> Self {
@@ -57,22 +68,6 @@ impl Rig {
         rig.w64(IQA, QUEUE | dw);
         rig.w32(GCMD, QIE);
         rig
-    }
-    fn r32(&mut self, off: u64) -> u32 {
-        let mut b = [0; 4];
-        self.vtd.mmio_read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn r64(&mut self, off: u64) -> u64 {
-        let mut b = [0; 8];
-        self.vtd.mmio_read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-    fn w32(&mut self, off: u64, v: u32) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
-    }
-    fn w64(&mut self, off: u64, v: u64) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
     }
     fn size(&self) -> u64 {
         if self.wide { 32 } else { 16 }

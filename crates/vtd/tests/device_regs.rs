@@ -2,6 +2,11 @@
 //! configuration, the GCMD/GSTS protocol (kvm-unit-tests' init sequence),
 //! register-based invalidation.
 
+#[path = "support/mmio.rs"]
+mod mmio;
+
+use mmio::Mmio;
+
 use std::sync::{Arc, Mutex};
 
 use memvisor_types::Gpa;
@@ -61,28 +66,18 @@ struct Rig {
     log: Log,
 }
 
+impl Mmio for Rig {
+    fn parts(&mut self) -> (&mut Vtd, &TestMemory, &mut RecordingSink) {
+        (&mut self.vtd, &self.mem, &mut self.irq)
+    }
+}
+
 impl Rig {
     fn new(config: Config) -> Self {
         let mut vtd = Vtd::new(config).unwrap();
         let log = Log::default();
         vtd.set_observer(Some(Box::new(log.clone())));
         Self { vtd, mem: TestMemory::new(Gpa::new(0), 64), irq: RecordingSink::default(), log }
-    }
-    fn r32(&mut self, off: u64) -> u32 {
-        let mut b = [0; 4];
-        self.vtd.mmio_read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn r64(&mut self, off: u64) -> u64 {
-        let mut b = [0; 8];
-        self.vtd.mmio_read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-    fn w32(&mut self, off: u64, v: u32) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
-    }
-    fn w64(&mut self, off: u64, v: u64) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
     }
     /// kvm-unit-tests' `vtd_gcmd_or`: GCMD = GSTS | cmd.
     fn gcmd_or(&mut self, cmd: u32) {

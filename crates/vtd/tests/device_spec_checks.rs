@@ -2,6 +2,11 @@
 //! the VT-d specification, Linux's driver and QEMU's model: one test per
 //! behaviour a guest driver relies on.
 
+#[path = "support/mmio.rs"]
+mod mmio;
+
+use mmio::Mmio;
+
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
 use memvisor_vtd::{Config, FaultInfo, FaultSource, Msi, RecordingSink, SourceId, TestMemory};
@@ -45,6 +50,12 @@ struct Rig {
     irq: RecordingSink,
 }
 
+impl Mmio for Rig {
+    fn parts(&mut self) -> (&mut Vtd, &TestMemory, &mut RecordingSink) {
+        (&mut self.vtd, &self.mem, &mut self.irq)
+    }
+}
+
 impl Rig {
     fn new(config: Config) -> Self {
         let mut rig = Self {
@@ -57,22 +68,6 @@ impl Rig {
         rig.w32(IEDATA, DONE_EVENT.data);
         rig.w32(IEADDR, 0xfee0_1000);
         rig
-    }
-    fn r32(&mut self, off: u64) -> u32 {
-        let mut b = [0; 4];
-        self.vtd.mmio_read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-    fn r64(&mut self, off: u64) -> u64 {
-        let mut b = [0; 8];
-        self.vtd.mmio_read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-    fn w32(&mut self, off: u64, v: u32) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
-    }
-    fn w64(&mut self, off: u64, v: u64) {
-        self.vtd.mmio_write(&self.mem, &mut self.irq, off, &v.to_le_bytes());
     }
     /// QI on with a one-page 128-bit queue at QUEUE.
     fn enable_qi(&mut self) {
