@@ -8,16 +8,10 @@ use mmio::Mmio;
 
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
+use memvisor_vtd::regs::off::{FEADDR, FECTL, FEDATA, FRCD, FSTS, GCMD, RTADDR};
 use memvisor_vtd::translate::DmaRequest;
 use memvisor_vtd::{Config, FaultInfo, FaultSource, Msi, RecordingSink, SourceId, TestMemory};
 
-const GCMD: u64 = 0x18;
-const RTADDR: u64 = 0x20;
-const FSTS: u64 = 0x34;
-const FECTL: u64 = 0x38;
-const FEDATA: u64 = 0x3c;
-const FEADDR: u64 = 0x40;
-const FRCD: u64 = 0x220;
 const PFO: u32 = 1;
 const PPF: u32 = 2;
 const F: u64 = 1 << 63;

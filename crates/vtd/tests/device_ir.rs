@@ -9,14 +9,9 @@ use mmio::Mmio;
 
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
+use memvisor_vtd::regs::off::{FRCD, GCMD, GSTS, IQA, IQT, IRTA};
 use memvisor_vtd::{Config, Msi, RecordingSink, SourceId, TestMemory};
 
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
-const FRCD: u64 = 0x220;
-const IQT: u64 = 0x88;
-const IQA: u64 = 0x90;
-const IRTA: u64 = 0xb8;
 const QIE: u32 = 1 << 26;
 const IRE: u32 = 1 << 25;
 const SIRTP: u32 = 1 << 24;

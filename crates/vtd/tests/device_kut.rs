@@ -5,15 +5,10 @@
 
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
+use memvisor_vtd::regs::off::{CAP, FSTS, GCMD, GSTS, IRTA, RTADDR};
 use memvisor_vtd::translate::DmaRequest;
 use memvisor_vtd::{Config, Msi, RecordingSink, SourceId, TestMemory};
 
-const CAP: u64 = 0x08;
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
-const RTADDR: u64 = 0x20;
-const FSTS: u64 = 0x34;
-const IRTA: u64 = 0xb8;
 const TE: u32 = 1 << 31;
 const SRTP: u32 = 1 << 30;
 const QIE: u32 = 1 << 26;

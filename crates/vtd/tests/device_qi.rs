@@ -10,23 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
+use memvisor_vtd::regs::off::{FEADDR, FECTL, FEDATA, FSTS, GCMD, ICS, IEADDR, IECTL, IEDATA, IQA, IQH, IQT};
 use memvisor_vtd::{
     Config, ContextInval, GuestMemory, GuestTables, IecInval, Invalidation, IotlbInval, Mode, Msi, Observer,
     PasidCacheInval, PiotlbInval, RecordingSink, SourceId, StateChange, TestMemory,
 };
 
-const GCMD: u64 = 0x18;
-const FSTS: u64 = 0x34;
-const FECTL: u64 = 0x38;
-const FEDATA: u64 = 0x3c;
-const FEADDR: u64 = 0x40;
-const IQH: u64 = 0x80;
-const IQT: u64 = 0x88;
-const IQA: u64 = 0x90;
-const ICS: u64 = 0x9c;
-const IECTL: u64 = 0xa0;
-const IEDATA: u64 = 0xa4;
-const IEADDR: u64 = 0xa8;
 const QIE: u32 = 1 << 26;
 const IQE: u32 = 1 << 4;
 const QUEUE: u64 = 0x10000;

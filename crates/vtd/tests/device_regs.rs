@@ -11,23 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
+use memvisor_vtd::regs::off::{CAP, CCMD, ECAP, FECTL, FSTS, GCMD, GSTS, IOTLB, IQA, IRTA, IVA, RTADDR};
 use memvisor_vtd::{
     Config, ContextInval, Error, GuestTables, Invalidation, IotlbInval, Mode, Observer, RecordingSink,
     SourceId, StateChange, TestMemory,
 };
-
-const CAP: u64 = 0x08;
-const ECAP: u64 = 0x10;
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
-const RTADDR: u64 = 0x20;
-const CCMD: u64 = 0x28;
-const FSTS: u64 = 0x34;
-const FECTL: u64 = 0x38;
-const IQA: u64 = 0x90;
-const IRTA: u64 = 0xb8;
-const IVA: u64 = 0xf0;
-const IOTLB: u64 = 0xf8;
 
 const TE: u32 = 1 << 31;
 const SRTP: u32 = 1 << 30;

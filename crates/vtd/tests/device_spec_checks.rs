@@ -9,26 +9,11 @@ use mmio::Mmio;
 
 use memvisor_types::Gpa;
 use memvisor_vtd::device::Vtd;
+use memvisor_vtd::regs::off::{
+    CCMD, FEADDR, FECTL, FEDATA, FRCD, FSTS, GCMD, GSTS, ICS, IEADDR, IECTL, IEDATA, IOTLB, IQA, IQH, IQT,
+    IRTA, IVA,
+};
 use memvisor_vtd::{Config, FaultInfo, FaultSource, Msi, RecordingSink, SourceId, TestMemory};
-
-const GCMD: u64 = 0x18;
-const GSTS: u64 = 0x1c;
-const CCMD: u64 = 0x28;
-const FSTS: u64 = 0x34;
-const FECTL: u64 = 0x38;
-const FEDATA: u64 = 0x3c;
-const FEADDR: u64 = 0x40;
-const IQH: u64 = 0x80;
-const IQT: u64 = 0x88;
-const IQA: u64 = 0x90;
-const ICS: u64 = 0x9c;
-const IECTL: u64 = 0xa0;
-const IEDATA: u64 = 0xa4;
-const IEADDR: u64 = 0xa8;
-const IRTA: u64 = 0xb8;
-const IVA: u64 = 0xf0;
-const IOTLB: u64 = 0xf8;
-const FRCD: u64 = 0x220;
 
 const QIE: u32 = 1 << 26;
 const IRE: u32 = 1 << 25;
