@@ -82,7 +82,9 @@ impl Edu {
     /// An edu function at requester id `sid`, BAR 0 at `bar0` (1 MiB
     /// aligned), INTA routed to interrupt line `line`, MSI capability at 0x40.
     pub fn new(sid: u16, bar0: u32, line: u8) -> Self {
-        let mut config = ConfigSpace::new(0x1234, 0x11e8, 0xff_0000, 0x10);
+        // QEMU's edu: class_id PCI_CLASS_OTHERS (0x00ff: base class 0x00,
+        // subclass 0xff), revision 0x10 (hw/misc/edu.c).
+        let mut config = ConfigSpace::new(0x1234, 0x11e8, 0x00_ff00, 0x10);
         config.add_mem_bar32(0, BAR_SIZE, bar0);
         config.set_interrupt(1, line);
         config.add_msi_capability(0x40);
@@ -298,6 +300,20 @@ mod tests {
         let mut e = Edu::new(0x18, 0xfe00_0000, 11);
         e.config_write(pci::COMMAND, &(pci::COMMAND_MEMORY | pci::COMMAND_MASTER).to_le_bytes());
         e
+    }
+
+    #[test]
+    fn config_space_identifies_the_device_as_qemus_edu() {
+        // Arrange
+        let mut e = edu();
+        let mut id = [0u8; 4];
+        let mut class = [0u8; 4];
+        // Act
+        e.config_read(0x00, &mut id);
+        e.config_read(0x08, &mut class);
+        // Assert: 1234:11e8, revision 0x10, base class 0x00, subclass 0xff.
+        assert_eq!(u32::from_le_bytes(id), 0x11e8_1234);
+        assert_eq!(u32::from_le_bytes(class), 0x00ff_0010);
     }
 
     fn read32(e: &mut Edu, off: u64) -> u32 {
