@@ -48,6 +48,7 @@ mod mapping;
 mod notified_mapping;
 mod notifier;
 mod notify;
+mod tables;
 mod uffd;
 
 pub use guest_ram::{GuestRam, RamRegion};
@@ -55,6 +56,7 @@ pub use mapping::{HugePages, MappedRegion, Mapping, Memfd, Protection, page_size
 pub use notified_mapping::NotifiedMapping;
 pub use notifier::{Invalidation, Notifier, SinkId};
 pub use notify::InvalidationSink;
+pub use tables::VmTables;
 pub use uffd::{
     EventCounts, UffdMonitor, features as uffd_features, kernel_features as uffd_kernel_features,
 };

@@ -22,14 +22,12 @@
 //! # Ok::<(), memvisor_kvm::Error>(())
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use iced_x86::IcedError;
 use iced_x86::code_asm::{CodeAssembler, dword_ptr, dx, eax, qword_ptr, rax, rcx, rdi};
-use memvisor_hostmem::GuestRam;
-use memvisor_paging::{ArenaFrames, Mapper, MemoryError, TableMemory, X86Attrs, X86Paging};
+use memvisor_hostmem::{GuestRam, VmTables};
+use memvisor_paging::{ArenaFrames, Mapper, X86Attrs, X86Paging};
 use memvisor_types::{AddrRange, Address, Gpa, Gva, PageSize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Error, Result};
 
@@ -180,7 +178,7 @@ impl Boot {
     /// Writes the page tables and `program` into `ram` (which must back
     /// `tables..code + program length`) and returns the entry point.
     pub fn load(&self, ram: &GuestRam, program: &mut GuestProgram) -> Result<LongModeEntry> {
-        let mem = RamTables(ram);
+        let mem = VmTables(ram);
         let frames = ArenaFrames::<Gpa>::range(self.tables.raw(), self.code.raw());
         // 2 MiB pages only: this software CPU does not advertise 1 GiB pages
         // (CPUID 0x8000_0001 EDX bit 26 is clear), so 1 GiB leaves would fault.
@@ -192,45 +190,5 @@ impl Boot {
         ram.write_slice(&code, GuestAddress(self.code.raw()))
             .map_err(|e| Error::Assemble(format!("loading {} bytes at {}: {e}", code.len(), self.code)))?;
         Ok(LongModeEntry { cr3: mapper.root(), rip: self.code.raw(), rsp: self.code.raw() })
-    }
-}
-
-/// Page-table memory in guest RAM, through vm-memory's API: 8-byte atomic
-/// accesses on the guest's own memory.
-struct RamTables<'a>(&'a GuestRam);
-
-impl RamTables<'_> {
-    /// Runs `f` on the 8-byte entry at `addr` as an atomic.
-    fn with_entry<R>(&self, addr: Gpa, f: impl FnOnce(&AtomicU64) -> R) -> Result<R, MemoryError> {
-        if !addr.raw().is_multiple_of(8) {
-            return Err(MemoryError::Misaligned(addr.raw()));
-        }
-        let unbacked = MemoryError::Unbacked(addr.raw());
-        let region = self.0.find_region(GuestAddress(addr.raw())).ok_or(unbacked)?;
-        let offset = region.to_region_addr(GuestAddress(addr.raw())).ok_or(unbacked)?;
-        let slice = region.get_slice(offset, 8).map_err(|_| unbacked)?;
-        let entry = slice.get_atomic_ref::<AtomicU64>(0).map_err(|_| unbacked)?;
-        Ok(f(entry))
-    }
-}
-
-impl TableMemory for RamTables<'_> {
-    type Addr = Gpa;
-
-    fn read_entry(&self, addr: Gpa) -> Result<u64, MemoryError> {
-        self.with_entry(addr, |e| e.load(Ordering::Acquire))
-    }
-
-    fn write_entry(&self, addr: Gpa, value: u64) -> Result<(), MemoryError> {
-        self.with_entry(addr, |e| e.store(value, Ordering::Release))
-    }
-
-    fn compare_exchange_entry(
-        &self,
-        addr: Gpa,
-        current: u64,
-        new: u64,
-    ) -> Result<Result<u64, u64>, MemoryError> {
-        self.with_entry(addr, |e| e.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
     }
 }

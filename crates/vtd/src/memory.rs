@@ -2,11 +2,10 @@
 //! atomic entries for tables (A/D updates by compare-exchange) and byte
 //! ranges for descriptors, status writes and DMA.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use memvisor_hostmem::VmTables;
 use memvisor_paging::{Arena, MemoryError, TableMemory};
 use memvisor_types::{Address, Gpa};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Guest-physical memory the unit reads tables and descriptors from and
 /// writes status and accessed/dirty flags to.
@@ -128,31 +127,18 @@ impl GuestMemory for TestMemory {
 }
 
 /// Guest memory through vm-memory 0.18: any [`GuestMemoryBackend`]
-/// (memvisor-hostmem's `GuestRam`, vm-memory's `GuestMemoryMmap`).
+/// (memvisor-hostmem's `GuestRam`, vm-memory's `GuestMemoryMmap`); table
+/// entries through memvisor-hostmem's [`VmTables`].
 #[derive(Debug)]
 pub struct VmMemory<'a, M: GuestMemoryBackend>(pub &'a M);
-
-impl<M: GuestMemoryBackend> VmMemory<'_, M> {
-    fn with_entry<R>(&self, addr: Gpa, f: impl FnOnce(&AtomicU64) -> R) -> Result<R, MemoryError> {
-        if !addr.raw().is_multiple_of(8) {
-            return Err(MemoryError::Misaligned(addr.raw()));
-        }
-        let unbacked = MemoryError::Unbacked(addr.raw());
-        let region = self.0.find_region(GuestAddress(addr.raw())).ok_or(unbacked)?;
-        let offset = region.to_region_addr(GuestAddress(addr.raw())).ok_or(unbacked)?;
-        let slice = region.get_slice(offset, 8).map_err(|_| unbacked)?;
-        let entry = slice.get_atomic_ref::<AtomicU64>(0).map_err(|_| unbacked)?;
-        Ok(f(entry))
-    }
-}
 
 impl<M: GuestMemoryBackend> TableMemory for VmMemory<'_, M> {
     type Addr = Gpa;
     fn read_entry(&self, addr: Gpa) -> Result<u64, MemoryError> {
-        self.with_entry(addr, |e| e.load(Ordering::Acquire))
+        VmTables(self.0).read_entry(addr)
     }
     fn write_entry(&self, addr: Gpa, value: u64) -> Result<(), MemoryError> {
-        self.with_entry(addr, |e| e.store(value, Ordering::Release))
+        VmTables(self.0).write_entry(addr, value)
     }
     fn compare_exchange_entry(
         &self,
@@ -160,7 +146,7 @@ impl<M: GuestMemoryBackend> TableMemory for VmMemory<'_, M> {
         current: u64,
         new: u64,
     ) -> Result<Result<u64, u64>, MemoryError> {
-        self.with_entry(addr, |e| e.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
+        VmTables(self.0).compare_exchange_entry(addr, current, new)
     }
 }
 
