@@ -127,6 +127,8 @@ impl std::fmt::Debug for Vtd {
 struct View<'a, M: ?Sized> {
     mem: &'a M,
     root: RootState,
+    /// What the unit offers: an entry it would refuse is malformed here too.
+    support: tables::Support,
 }
 
 impl<M: GuestMemory + ?Sized> GuestTables for View<'_, M> {
@@ -134,7 +136,7 @@ impl<M: GuestMemory + ?Sized> GuestTables for View<'_, M> {
         self.root
     }
     fn pasid_entry(&self, sid: SourceId, pasid: u32) -> Result<Option<tables::PasidEntry>, u8> {
-        tables::pasid_entry(self.mem, &self.root, sid, pasid)
+        tables::pasid_entry_for(self.mem, &self.root, sid, pasid, &self.support)
     }
     fn rid_pasid(&self, sid: SourceId) -> Result<Option<u32>, u8> {
         tables::rid_pasid(self.mem, &self.root, sid)
@@ -249,7 +251,7 @@ impl Vtd {
         if fx.flush_iec {
             self.ir.invalidate(&IecInval::Global);
         }
-        let view = View { mem, root: self.regs.root_state() };
+        let view = View { mem, root: self.regs.root_state(), support: tables::Support::of(&self.config) };
         for change in fx.changes {
             if let Some(obs) = self.observer.as_mut() {
                 obs.state_changed(change, &view);
@@ -264,7 +266,7 @@ impl Vtd {
     }
 
     fn process_queue<M: GuestMemory + ?Sized>(&mut self, mem: &M, irq: &mut dyn InterruptSink) {
-        let view = View { mem, root: self.regs.root_state() };
+        let view = View { mem, root: self.regs.root_state(), support: tables::Support::of(&self.config) };
         let Self { regs, dmar, ir, observer, stats, .. } = self;
         let mut counting = CountingSink { inner: irq, sent: 0 };
         let run = qi::process(regs, mem, &mut counting, &mut |inv| {

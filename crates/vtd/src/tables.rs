@@ -672,19 +672,32 @@ fn not_present(reason: u8) -> bool {
 /// (reserved bits, PGTT 0 or 5–7 → [`reason::PASID_TABLE_ENTRY_INV`]).
 ///
 /// Checks the formats only, not the unit's configuration (any PGTT 1–4,
-/// AW and FSPM the formats allow; see [`Support::PERMISSIVE`]).
+/// AW and FSPM the formats allow; see [`Support::PERMISSIVE`]);
+/// [`pasid_entry_for`] checks against a unit's [`Support`].
 pub fn pasid_entry<M: GuestMemory + ?Sized>(
     mem: &M,
     root: &RootState,
     sid: SourceId,
     pasid: u32,
 ) -> Result<Option<PasidEntry>, u8> {
+    pasid_entry_for(mem, root, sid, pasid, &Support::PERMISSIVE)
+}
+
+/// [`pasid_entry`] as a unit with `support` decodes it: a PGTT, AW or FSPM
+/// the unit does not offer is `Err(reason)` (what a translation through
+/// the entry would report).
+pub fn pasid_entry_for<M: GuestMemory + ?Sized>(
+    mem: &M,
+    root: &RootState,
+    sid: SourceId,
+    pasid: u32,
+    support: &Support,
+) -> Result<Option<PasidEntry>, u8> {
     if !root.scalable {
         return Ok(None);
     }
-    let support = Support::PERMISSIVE;
-    let lookup = scalable_context(mem, root.rtaddr, sid, &support)
-        .and_then(|ctx| scalable_lookup(mem, &ctx, pasid, reason::SM_PASID_TOO_LARGE, &support));
+    let lookup = scalable_context(mem, root.rtaddr, sid, support)
+        .and_then(|ctx| scalable_lookup(mem, &ctx, pasid, reason::SM_PASID_TOO_LARGE, support));
     match lookup {
         Ok(e) => Ok(Some(e)),
         Err(f) if not_present(f.reason) => Ok(None),

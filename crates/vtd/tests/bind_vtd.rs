@@ -186,3 +186,16 @@ fn queued_pasid_iotlb_invalidation_reaches_the_host() {
     assert_eq!(stale, Ok(TARGET));
     assert_eq!(dma(&g, IOVA), Ok(TARGET2));
 }
+
+#[test]
+fn five_level_first_stage_on_a_48_bit_unit_is_not_bound() {
+    // Arrange: FSPM = 1 (5-level) while the unit advertises 48-bit only
+    // (no FS5LP): the entry is invalid for this unit.
+    let (mut g, fsptptr) = guest();
+    set_pasid_entry(&g, 1, fsptptr | (1 << 2));
+    // Act
+    enable(&mut g);
+    // Assert: the binding was torn down (DMA blocked), not bound at 57 bits.
+    assert_eq!(dma(&g, IOVA), Err(DmaFault::NotAttached));
+    assert!(g.sink.sent.is_empty());
+}
