@@ -20,6 +20,8 @@ use super::layout::{
     CMD, EDU_BASE, EDU_IRTE, EDU_SID, IQ, IR_TABLE, IR_TABLE_S, JOB_SIZE, JOBS, PCI_CONFIG_ADDRESS,
     PCI_CONFIG_DATA, PORT_BAD, PORT_DONE, PORT_OK, PORT_PHASE, ROOT_TABLE, VTD_BASE, WAIT_STATUS, cmd, job,
 };
+use memvisor_vtd::regs::RTADDR_SMT;
+use memvisor_vtd::regs::gcmd::{IRE, QIE, SIRTP, SRTP, TE};
 
 const GCMD: i32 = 0x18;
 const GSTS: i32 = 0x1c;
@@ -27,15 +29,8 @@ const RTADDR: i32 = 0x20;
 const IQT: i32 = 0x88;
 const IQA: i32 = 0x90;
 const IRTA: i32 = 0xb8;
-const TE: u32 = 1 << 31;
-const SIRTP: u32 = 1 << 24;
-const IRE: u32 = 1 << 25;
-const SRTP: u32 = 1 << 30;
-const QIE: u32 = 1 << 26;
 /// GSTS bits that are not one-shot commands (Linux `dmar_disable_qi` & co).
 const PERSISTENT: u32 = 0x96ff_ffff;
-/// RTADDR.TTM = 01b: scalable-mode root table.
-const TTM_SCALABLE: u64 = 1 << 10;
 
 fn d(v: u64) -> Result<i32> {
     i32::try_from(v).context("displacement out of range")
@@ -151,7 +146,7 @@ pub fn program(at: u64, scalable: bool, ir: bool) -> Result<Vec<u8>> {
     op!(s, mov(qword_ptr(rdi + IQA), rax));
     s.gcmd(QIE)?;
     op!(s, mov(rdi, VTD_BASE));
-    op!(s, mov(rax, if scalable { ROOT_TABLE | TTM_SCALABLE } else { ROOT_TABLE }));
+    op!(s, mov(rax, if scalable { ROOT_TABLE | RTADDR_SMT } else { ROOT_TABLE }));
     op!(s, mov(qword_ptr(rdi + RTADDR), rax));
     s.gcmd(SRTP)?;
     if ir {

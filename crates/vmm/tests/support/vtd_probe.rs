@@ -12,6 +12,7 @@
 //! descriptors), the root table at +4 KiB, the interrupt-remapping table at
 //! +8 KiB, the wait-descriptor status words at +12 KiB.
 
+use memvisor_vtd::regs::gcmd::{CFI, IRE, QIE, SIRTP, SRTP, TE};
 use std::path::{Path, PathBuf};
 
 use iced_x86::code_asm::{CodeAssembler, CodeLabel, al, dword_ptr, dx, eax, ebx, ecx, esi, esp};
@@ -43,13 +44,6 @@ const IECTL: u32 = 0xa0;
 const IQER: u32 = 0xb0;
 const IRTA: u32 = 0xb8;
 
-// GCMD/GSTS bits.
-const TE: u32 = 1 << 31;
-const SRTP: u32 = 1 << 30;
-const QIE: u32 = 1 << 26;
-const IRE: u32 = 1 << 25;
-const SIRTP: u32 = 1 << 24;
-const CFI: u32 = 1 << 23;
 /// GSTS bits that may be written back to GCMD (the one-shot ones cleared),
 /// as Linux's `readl(GSTS) & 0x96ffffff`.
 const PERSISTENT: u32 = 0x96ff_ffff;
